@@ -1,4 +1,4 @@
-"""Dependencies run one way: launchers -> bln_sweeps <- analysis; login-node modules stay torch-free."""
+"""Dependencies run one way (launchers -> bln_sweeps <- analysis); login-node modules stay light."""
 
 import ast
 import subprocess
@@ -27,7 +27,11 @@ def _imported_top_names(package: str) -> set[tuple[str, str]]:
 
 @pytest.mark.parametrize(
     "package, forbidden",
-    [("bln_sweeps", {"launchers", "analysis"}), ("launchers", {"analysis"}), ("analysis", {"launchers"})],
+    [
+        ("bln_sweeps", {"launchers", "analysis"}),
+        ("launchers", {"analysis"}),
+        ("analysis", {"launchers"}),
+    ],
 )
 def test_import_direction(package, forbidden):
     bad = sorted(f"{f} imports {n}" for f, n in _imported_top_names(package) if n in forbidden)
@@ -43,7 +47,9 @@ def test_packages_resolve_inside_repo():
         assert Path(mod.__file__).resolve().is_relative_to(ROOT), mod.__file__
 
 
-@pytest.mark.parametrize("module", ["bln_sweeps", "bln_sweeps.config", "bln_sweeps.tracking", "analysis"])
+@pytest.mark.parametrize(
+    "module", ["bln_sweeps", "bln_sweeps.config", "bln_sweeps.tracking", "analysis"]
+)
 def test_login_node_modules_do_not_import_torch(module):
     code = f"import sys, {module}; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0, module

@@ -1,0 +1,100 @@
+"""The `bln-train` command line: validate every grid point first, then hand over to Hydra.
+
+Hydra reports a bad override with a traceback-style message and exit code 1 (and, in a multirun,
+only when it reaches the bad job). Here every combination the command line expands to is composed
+and validated up front, including the norm options (by building one norm module), so bad input is
+one line naming the key and the valid choices, exit code 2, before any run is created.
+"""
+
+import sys
+
+from bln_sweeps.config import (
+    CONF_DIR,
+    ConfigError,
+    compose,
+    expand_grid,
+    register_configs,
+    to_run_config,
+    validate,
+)
+
+HYDRA_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"}
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], bool, bool]:
+    """(overrides, multirun, passthrough): passthrough = a Hydra flag we leave to Hydra alone."""
+    overrides, multirun, passthrough, skip = [], False, False, False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in HYDRA_FLAGS_WITH_VALUE:
+            passthrough, skip = True, True
+        elif arg.startswith("-"):
+            passthrough = True
+        else:
+            overrides.append(arg)
+    return overrides, multirun, passthrough
+
+
+def check(overrides: list[str]) -> int:
+    """Compose and validate every grid point; returns the number of runs."""
+    from bln_sweeps.data import check_data
+    from bln_sweeps.train import norm_factory
+
+    points = expand_grid(overrides)
+    for point in points:
+        cfg = validate(to_run_config(compose(point)))
+        check_data(cfg)
+        try:
+            factory = norm_factory(cfg)
+            factory("ln_1"), factory("ln_f")
+        except ValueError as e:
+            raise ConfigError("norm.options", cfg.norm.name, str(e)) from None
+    return len(points)
+
+
+def train_main(argv: list[str]) -> int:
+    overrides, multirun, passthrough = split_argv(argv)
+    if not passthrough:
+        try:
+            n = check(overrides)
+        except ConfigError as e:
+            print(f"bln-train: error: {e}", file=sys.stderr)
+            return 2
+        if n > 1 and not multirun:
+            print("bln-train: error: comma lists need -m (multirun)", file=sys.stderr)
+            return 2
+    return hydra_main(argv)
+
+
+def hydra_main(argv: list[str]) -> int:
+    import hydra
+
+    register_configs()
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+    def task(cfg) -> float | None:
+        from bln_sweeps.checkpoint import Preempted
+        from bln_sweeps.train import run
+
+        rc = validate(to_run_config(cfg))
+        try:
+            result = run(rc)
+        except Preempted as e:
+            print(f"bln-train: {e}", file=sys.stderr)
+            raise SystemExit(3) from None
+        line = " · ".join(
+            f"{k} {v:.4f}"
+            for k, v in result.items()
+            if k.startswith("val/") and isinstance(v, float)
+        )
+        print(f"[{rc.norm.name} b{rc.batch.size} s{rc.seq.len}] {result['status']} · {line}")
+        if result.get("status_reason"):
+            print(f"  reason: {result['status_reason']}")
+        return result.get("val/loss")
+
+    sys.argv = [sys.argv[0], *argv]
+    task()
+    return 0

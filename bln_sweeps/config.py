@@ -1,0 +1,357 @@
+"""Run-config schemas, their Hydra registration, and validation. Torch-free: login nodes import it.
+
+Each config group in `conf/` fills one field of `RunConfig` with the same name (`conf/norm/*.yaml`
+fills `RunConfig.norm`, ...). The schemas below are registered in Hydra's ConfigStore as
+`<group>/base`, and every group YAML starts from its schema, so a misspelled key fails when Hydra
+composes. `to_run_config` converts the composed DictConfig to dataclasses once, at the entry
+point; `validate` then checks what a schema cannot (cross-field rules) and raises `ConfigError`,
+which every CLI prints as one line and exit code 2.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+# Norms whose train-mode statistics pool over the batch: they cannot train on one token.
+BATCH_STAT_NORMS = ("batchnorm", "causal_batchnorm", "bln", "powernorm")
+
+
+class ConfigError(ValueError):
+    """Bad user input: names the key, the value and the valid choices."""
+
+    def __init__(self, key: str, value: Any, expected: str):
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"{key}={value!r}: {expected}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # flavour, a key of bln_sweeps.model.PRESETS
+    block_size: int = 256  # longest sequence (rows of the position embedding)
+    vocab_size: int = 512
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm (GPT-2 has them)
+
+
+@dataclass
+class NormConfig:
+    name: str = "layernorm"  # registry key used at ln_1 and ln_2 (= YAML stem = MLflow norm.name)
+    final: str | None = None  # registry key at ln_f; None = same as `name` (with its options)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword options of build_norm
+
+
+@dataclass
+class BatchConfig:
+    size: int = 8  # micro-batch in sequences: the sample batch-statistic norms see (BLN's m)
+    tokens_per_step: int | None = None  # tokens per optimizer step; None = one micro-batch
+
+
+@dataclass
+class SeqConfig:
+    len: int = 128  # tokens per sequence
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 6e-4  # peak learning rate (nanoGPT / llm.c 124M)
+    min_lr_frac: float = 0.1  # cosine floor as a fraction of lr (6e-5 / 6e-4)
+    warmup_frac: float = 0.04  # linear warm-up as a fraction of train.steps (llm.c: 700 / 18,865)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on >= 2-D weights only
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # synthetic (generated in memory) | tokens (uint16 shards)
+    path: str | None = None  # shard directory for data=tokens
+    vocab_size: int = 512  # synthetic corpus vocabulary
+    n_train_tokens: int = 2_000_000  # synthetic corpus size
+    n_val_tokens: int = 200_000
+    seed: int = 1234  # corpus seed: the same data for every run, whatever the run's seed
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    eval_interval: int = 50  # steps between evaluations (and always at the end)
+    eval_batches: int = 8  # validation micro-batches per evaluation (a fixed set)
+    log_interval: int = 10  # steps between train-metric logs
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False  # torch.compile the model (CUDA)
+    checkpoint_interval: int = 100  # steps between periodic checkpoints; 0 = only at end/signal
+    out_dir: str = "runs"  # checkpoints live in <out_dir>/<run key>/
+    resume: bool = True  # continue from a checkpoint of the same config when one exists
+    diverge_loss: float = 0.0  # stop as diverged when train loss exceeds this; 0 = 2 * ln(vocab)
+
+
+@dataclass
+class EvalConfig:
+    batch_stats: bool = True  # also report val/loss@batch (train-mode statistics, leak diagnostic)
+    bln_switches: list[str] = field(default_factory=list)  # e.g. [TTFF, FFFF] or [all]
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # None = sqlite:///<cwd>/mlflow.db (embedded, no server)
+    experiment: str = "bln-train"
+    run_name: str | None = None  # None = built from the config (e.g. "bln · b16 · s2048")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    seq: SeqConfig = field(default_factory=SeqConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step (validated to divide exactly)."""
+        if self.batch.tokens_per_step is None:
+            return 1
+        return self.batch.tokens_per_step // (self.batch.size * self.seq.len)
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.optim.warmup_frac * self.train.steps)
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "norm": NormConfig,
+    "batch": BatchConfig,
+    "seq": SeqConfig,
+    "optim": OptimConfig,
+    "data": DataConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schemas so `conf/<group>/*.yaml` can start from `defaults: [base]`."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, schema in GROUPS.items():
+        cs.store(group=group, name="base", node=schema)
+
+
+def group_options(group: str) -> list[str]:
+    """The YAML stems of a config group: the valid values of `<group>=...`."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def to_run_config(cfg: Any) -> RunConfig:
+    """DictConfig (composed by Hydra) -> RunConfig, resolving interpolations. Extra root keys such
+    as `hydra` or a sweep's own sections are dropped."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True)
+    known = {k: v for k, v in data.items() if k in RunConfig.__dataclass_fields__}
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), known)
+    return OmegaConf.to_object(merged)
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(key, value, "must be > 0")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Cross-field rules no schema can express. Raises ConfigError naming the first bad key."""
+    norms = group_options("norm")
+    for key, name in (("norm.name", cfg.norm.name), ("norm.final", cfg.norm.final)):
+        if name is not None and name not in norms:
+            raise ConfigError(key, name, f"valid choices: {', '.join(norms)}")
+    if cfg.model.name not in group_options("model"):
+        raise ConfigError(
+            "model.name", cfg.model.name, f"valid: {', '.join(group_options('model'))}"
+        )
+    for key, value in (
+        ("optim.lr", cfg.optim.lr),
+        ("train.steps", cfg.train.steps),
+        ("train.eval_interval", cfg.train.eval_interval),
+        ("train.eval_batches", cfg.train.eval_batches),
+        ("train.log_interval", cfg.train.log_interval),
+        ("batch.size", cfg.batch.size),
+        ("seq.len", cfg.seq.len),
+        ("model.n_layer", cfg.model.n_layer),
+        ("model.n_embd", cfg.model.n_embd),
+    ):
+        _positive(key, value)
+    if cfg.model.n_embd % cfg.model.n_head:
+        raise ConfigError(
+            "model.n_head", cfg.model.n_head, f"must divide n_embd {cfg.model.n_embd}"
+        )
+    if cfg.seq.len > cfg.model.block_size:
+        raise ConfigError(
+            "seq.len",
+            cfg.seq.len,
+            f"exceeds the model's position limit model.block_size={cfg.model.block_size}",
+        )
+    if cfg.seq.len < 2:
+        raise ConfigError("seq.len", cfg.seq.len, "must be >= 2")
+    uses_batch = {cfg.norm.name, cfg.norm.final or cfg.norm.name} & set(BATCH_STAT_NORMS)
+    if uses_batch and cfg.batch.size * cfg.seq.len < 2:
+        raise ConfigError(
+            "batch.size", cfg.batch.size, f"{sorted(uses_batch)[0]} needs more than one token"
+        )
+    micro = cfg.batch.size * cfg.seq.len
+    tps = cfg.batch.tokens_per_step
+    if tps is not None and (tps <= 0 or tps % micro):
+        raise ConfigError(
+            "batch.tokens_per_step",
+            tps,
+            f"must be a positive multiple of batch.size * seq.len = {micro}",
+        )
+    if not 0 <= cfg.optim.warmup_frac < 1:
+        raise ConfigError("optim.warmup_frac", cfg.optim.warmup_frac, "must be in [0, 1)")
+    if not 0 <= cfg.optim.min_lr_frac <= 1:
+        raise ConfigError("optim.min_lr_frac", cfg.optim.min_lr_frac, "must be in [0, 1]")
+    if cfg.optim.weight_decay < 0:
+        raise ConfigError("optim.weight_decay", cfg.optim.weight_decay, "must be >= 0")
+    if cfg.data.name not in group_options("data"):
+        raise ConfigError("data.name", cfg.data.name, f"valid: {', '.join(group_options('data'))}")
+    if cfg.data.name == "synthetic" and cfg.data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            "data.vocab_size",
+            cfg.data.vocab_size,
+            f"exceeds model.vocab_size={cfg.model.vocab_size}",
+        )
+    if cfg.train.dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError("train.dtype", cfg.train.dtype, "valid choices: auto, float32, bfloat16")
+    device = cfg.train.device
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ConfigError("train.device", device, "valid choices: auto, cpu, cuda, cuda:N")
+    for sw in cfg.eval.bln_switches:
+        if sw != "all" and (len(sw) != 4 or set(sw) - {"T", "F"}):
+            raise ConfigError(
+                "eval.bln_switches", sw, "four letters T/F (e.g. TTFF, FFFF) or 'all'"
+            )
+    return cfg
+
+
+def _schema_keys(key: str) -> tuple[str, list[str]]:
+    """(deepest valid parent, its valid child keys) of a dotted config path, for error messages."""
+    node: Any = RunConfig
+    parent = []
+    for part in key.split(".")[:-1]:
+        fields = getattr(node, "__dataclass_fields__", {})
+        if part not in fields:
+            break
+        node = GROUPS.get(part, fields[part].type)
+        parent.append(part)
+    return ".".join(parent) or "top level", sorted(getattr(node, "__dataclass_fields__", {}))
+
+
+def _norm_options(overrides: list[str]) -> list[str]:
+    """Option names of the norm chosen on the command line (its YAML is the list of options)."""
+    from omegaconf import OmegaConf
+
+    name = next((o.split("=", 1)[1] for o in overrides if o.startswith("norm=")), "layernorm")
+    path = CONF_DIR / "norm" / f"{name}.yaml"
+    return sorted(OmegaConf.load(path).get("options") or {}) if path.exists() else []
+
+
+def _explain(override: str, err: Exception, overrides: list[str]) -> ConfigError:
+    """Hydra's composition errors, reduced to one line naming the key and the valid choices."""
+    from hydra.errors import MissingConfigException
+
+    key, _, value = override.lstrip("+~").partition("=")
+    chain, e = [], err
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = " | ".join(chain)
+    if isinstance(err, MissingConfigException) and key in GROUPS:
+        return ConfigError(
+            key, value, f"unknown option; valid choices: {', '.join(group_options(key))}"
+        )
+    if "not in struct" in text or ("Could not override" in text and "Key '" in text):
+        if key.startswith("norm.options."):
+            valid = ", ".join(_norm_options(overrides)) or "none"
+            return ConfigError(key, value, f"unknown norm option; valid options: {valid}")
+        parent, valid = _schema_keys(key)
+        return ConfigError(key, value, f"unknown key; valid keys of {parent}: {', '.join(valid)}")
+    if "could not be converted" in text or "Value '" in text:
+        return ConfigError(key, value, "wrong type: " + chain[-1].splitlines()[0])
+    return ConfigError(key, value, chain[-1].splitlines()[0])
+
+
+def compose(overrides: list[str], config_name: str = "train") -> Any:
+    """Compose `conf/<config_name>.yaml` with overrides; errors become one-line ConfigErrors."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    for ov in overrides:  # an unknown group option is clearest when caught before Hydra's message
+        key, _, value = ov.partition("=")
+        if key in GROUPS and value and "," not in value and "(" not in value:
+            if value not in group_options(key):
+                raise ConfigError(key, value, f"valid choices: {', '.join(group_options(key))}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        try:
+            return hydra_compose(config_name, overrides=overrides)
+        except Exception as e:
+            bad = _guilty_override(overrides, config_name)
+            raise _explain(bad, e, overrides) from None
+
+
+def _guilty_override(overrides: list[str], config_name: str) -> str:
+    """The first override that fails on its own (Hydra's message does not always say)."""
+    from hydra import compose as hydra_compose
+
+    for ov in overrides:
+        try:
+            hydra_compose(config_name, overrides=[ov])
+        except Exception:
+            return ov
+    return overrides[-1] if overrides else ""
+
+
+def expand_grid(overrides: list[str]) -> list[list[str]]:
+    """Hydra sweep syntax -> the list of plain override lists, one per grid point (Cartesian
+    product, in command-line order, like Hydra's basic sweeper). Comma lists, range() and glob()
+    expand; a searched distribution (interval, tag) is not a grid axis and is rejected here."""
+    import itertools
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Glob
+
+    axes = []
+    for ov in OverridesParser.create().parse_overrides(overrides):
+        key = ov.get_key_element()
+        if not ov.is_sweep_override():
+            axes.append([ov.input_line])
+            continue
+        if isinstance(ov.value(), Glob):
+            values = ov.value().filter(group_options(ov.key_or_group))
+        else:
+            try:
+                values = list(ov.sweep_string_iterator())
+            except Exception as e:
+                raise ConfigError(ov.key_or_group, ov.input_line, f"not a grid axis: {e}") from None
+        if not values:
+            raise ConfigError(ov.key_or_group, ov.input_line, "empty axis")
+        axes.append([f"{key}={v}" for v in values])
+    return [list(p) for p in itertools.product(*axes)]

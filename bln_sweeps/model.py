@@ -1,0 +1,200 @@
+"""GPT-2 with a pluggable normalization layer, shaped after nanoGPT's model.py.
+
+Pre-norm blocks, GPT-2 weight names (`wte`, `wpe`, `h.N.ln_1`, `attn.c_attn`, `mlp.c_proj`, `ln_f`),
+causal attention through `scaled_dot_product_attention`, the LM head tied to the token embedding,
+and GPT-2's init. The only departure is where the norms come from: the model takes a
+`norm_factory(site)` and never sees the registry or Hydra, so BLN in the blocks and LayerNorm at
+`ln_f` is the caller's choice. Every norm takes `(x, pad_mask)`; batch-statistic norms need the
+mask to keep padding out of their statistics.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# site name -> a fresh norm module of width n_embd; sites are "ln_1", "ln_2" (per block), "ln_f"
+NormFactory = Callable[[str], nn.Module]
+NORM_SITES = ("ln_1", "ln_2", "ln_f")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = 50257  # GPT-2 BPE; nanoGPT pads to 50304 for speed, we keep the exact count
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers (and in LayerNorm, via the norm options)
+
+
+# Named flavours. `tiny` is the CPU/test flavour; the others are the GPT-2 family. The training
+# config may raise `block_size` (e.g. to 4096) so that one model serves every sequence length.
+PRESETS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(block_size=256, vocab_size=512, n_layer=2, n_head=4, n_embd=64),
+    "gpt2_124m": GPTConfig(),
+    "gpt2_350m": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+}
+
+
+def gpt_config(preset: str, **overrides) -> GPTConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model '{preset}'; valid choices: {', '.join(PRESETS)}")
+    return replace(PRESETS[preset], **overrides)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        # query, key, value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return F.dropout(self.c_proj(y), p, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, norm_factory: NormFactory):
+        super().__init__()
+        self.ln_1 = norm_factory("ln_1")
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = norm_factory("ln_2")
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x, pad_mask))
+        x = x + self.mlp(self.ln_2(x, pad_mask))
+        return x
+
+
+def layernorm_factory(config: GPTConfig) -> NormFactory:
+    """GPT-2's own norm everywhere: LayerNorm, eps 1e-5, bias when the model has biases."""
+    from bln_sweeps.norms import build_norm
+
+    return lambda site: build_norm("layernorm", config.n_embd, bias=config.bias)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, norm_factory: NormFactory | None = None):
+        super().__init__()
+        self.config = config
+        norm_factory = norm_factory or layernorm_factory(config)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, norm_factory) for _ in range(config.n_layer)]),
+                ln_f=norm_factory("ln_f"),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer) because each
+        # block adds two of them to the residual stream. Norm modules keep their own init.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def norm_modules(self) -> list[tuple[str, nn.Module]]:
+        """The 2 * n_layer + 1 norm sites, by their state_dict prefix."""
+        sites = []
+        for i, block in enumerate(self.transformer.h):
+            sites += [
+                (f"transformer.h.{i}.ln_1", block.ln_1),
+                (f"transformer.h.{i}.ln_2", block.ln_2),
+            ]
+        return sites + [("transformer.ln_f", self.transformer.ln_f)]
+
+    def num_params(self) -> int:
+        # tied weights are one Parameter, so parameters() counts them once
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx, targets: (B, T) token ids; pad_mask: (B, T) bool, True = padding.
+
+        Returns logits (B, T, vocab) and the mean cross-entropy over non-pad targets (or None).
+        """
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {T} exceeds model.block_size {self.config.block_size}"
+            )
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(
+            self.transformer.wte(idx) + self.transformer.wpe(pos)
+        )  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, pad_mask)
+        x = self.transformer.ln_f(x, pad_mask)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        if targets is None:
+            return logits, None
+        if pad_mask is not None:
+            targets = targets.masked_fill(pad_mask, -1)
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
+        )
+        return logits, loss
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on matrices and embeddings only (>= 2-D); never on norm gains/biases,
+        Linear biases or any other 1-D tensor, as in nanoGPT and llm.c."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT's MFU:
+        6N for the matmuls plus 12 * L * C * T for attention."""
+        n = self.num_params() - self.transformer.wpe.weight.numel()
+        cfg = self.config
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len

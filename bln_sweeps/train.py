@@ -1,0 +1,348 @@
+"""One training run: `run(cfg) -> metrics`, and the `bln-train` Hydra app around it.
+
+    bln-train norm=bln batch=b16 seq=s2048 optim.lr=3e-4
+    bln-train -m norm=layernorm,bln batch=b4,b32          # a Hydra grid, basic launcher
+
+`run` is pure (a RunConfig in, a dict out) so sweep workers call it directly. The loop is
+nanoGPT's: gradient accumulation, AdamW, warm-up + cosine, global-norm clipping, bf16 autocast on
+CUDA. What it adds: validation under every inference mode (bln_sweeps.evaluate), divergence
+stops instead of crashes, exact resume from checkpoints (bln_sweeps.checkpoint), and an MLflow
+run with the resolved config, provenance and the `leaky` tag (bln_sweeps.tracking).
+"""
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bln_sweeps import checkpoint
+from bln_sweeps.config import RunConfig
+from bln_sweeps.data import BatchSampler, build_data, val_batches
+from bln_sweeps.evaluate import evaluate
+from bln_sweeps.model import GPT, GPTConfig
+from bln_sweeps.norms import NORMS, build_norm
+from bln_sweeps.tracking import RunLogger, flatten_config, provenance_tags, resolve_tracking_uri
+
+# Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU rather than a guess.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+EvalHook = Callable[[int, dict[str, float]], None]  # (step, metrics); may raise to stop (pruning)
+
+
+def run_key(cfg: RunConfig) -> str:
+    """Identity of a run for resuming: every setting that changes the numbers."""
+    d = asdict(cfg)
+    d.pop("tracking")
+    for k in ("out_dir", "resume", "checkpoint_interval", "log_interval"):
+        d["train"].pop(k)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_name(cfg: RunConfig) -> str:
+    return cfg.tracking.run_name or f"{cfg.norm.name} · b{cfg.batch.size} · s{cfg.seq.len}"
+
+
+def norm_factory(cfg: RunConfig) -> Callable[[str], torch.nn.Module]:
+    """site -> norm module. `norm.name` at ln_1/ln_2 with `norm.options`; `norm.final` (if set)
+    at ln_f with its own defaults. Options left null are derived from the run: PowerNorm's warm-up
+    (the LR warm-up, as fairseq wires it) and its forward calls per optimizer step."""
+    derived = {
+        "batch_size": cfg.batch.size,
+        "max_len": cfg.model.block_size,
+        "groups": cfg.model.n_head,
+        "bias": cfg.model.bias,
+        "warmup_steps": cfg.warmup_steps,
+        "accum_steps": cfg.grad_accum,
+    }
+
+    def options_for(name: str, given: dict) -> dict:
+        import inspect
+
+        accepted = inspect.signature(NORMS[name]).parameters if name in NORMS else {}
+        opts = {k: v for k, v in derived.items() if k in accepted}
+        opts.update({k: v for k, v in given.items() if v is not None})
+        return opts
+
+    block_opts = options_for(cfg.norm.name, cfg.norm.options)
+    final = cfg.norm.final or cfg.norm.name
+    final_opts = block_opts if final == cfg.norm.name else options_for(final, {})
+
+    def factory(site: str) -> torch.nn.Module:
+        if site == "ln_f":
+            return build_norm(final, cfg.model.n_embd, **final_opts)
+        return build_norm(cfg.norm.name, cfg.model.n_embd, **block_opts)
+
+    return factory
+
+
+def build_model(cfg: RunConfig) -> GPT:
+    m = cfg.model
+    gpt = GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd, m.dropout, m.bias)
+    return GPT(gpt, norm_factory(cfg))
+
+
+def is_leaky(model: GPT) -> bool:
+    return any(not getattr(mod, "causal_in_train", True) for _, mod in model.norm_modules())
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warm-up to optim.lr, then cosine down to min_lr_frac * lr at the last step."""
+    peak, warm, total = cfg.optim.lr, cfg.warmup_steps, cfg.train.steps
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    floor = cfg.optim.min_lr_frac * peak
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def pick_device(cfg: RunConfig) -> torch.device:
+    if cfg.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.train.device)
+
+
+def device_tags(device: torch.device) -> dict[str, str]:
+    if device.type == "cuda":
+        return {"device": f"cuda:{torch.cuda.get_device_name(device)}", "n_devices": "1"}
+    return {"device": "cpu", "n_devices": "1", "cpu_threads": str(torch.get_num_threads())}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def plot_losses(history: dict[str, list], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(history["train_step"], history["train_loss"], label="train (batch statistics)", lw=1)
+    for key in sorted(k for k in history if k.startswith("val/")):
+        ax.plot(history["eval_step"], history[key], marker="o", ms=3, label=key)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title=path.stem)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(
+    cfg: RunConfig,
+    *,
+    run_dir: Path | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_eval: EvalHook | None = None,
+) -> dict:
+    """Train one model as `cfg` says and return its final metrics plus `status` and `run_id`.
+
+    A checkpoint in `run_dir` (default `<train.out_dir>/<run key>`) is resumed; one marked
+    finished returns its stored result. Raises checkpoint.Preempted after saving on SIGTERM /
+    SIGUSR1; anything `on_eval` raises ends the run (the sweep's pruning) and propagates.
+    """
+    run_dir = Path(run_dir or Path(cfg.train.out_dir) / run_key(cfg))
+    ckpt_path = run_dir / checkpoint.CKPT_NAME
+    state = checkpoint.load(ckpt_path) if cfg.train.resume else None
+    if state is not None and state["status"] != "running":
+        return state["result"]
+
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg)
+    use_bf16 = cfg.train.dtype == "bfloat16" or (
+        cfg.train.dtype == "auto" and device.type == "cuda"
+    )
+    autocast = (
+        partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+        if use_bf16
+        else nullcontext
+    )
+
+    # Everything that can reject the config happens before an MLflow run exists.
+    data = build_data(cfg)
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(
+        model.optimizer_groups(cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        fused=device.type == "cuda",
+    )
+    sampler = BatchSampler(data.train, cfg.batch.size, cfg.seq.len, seed=cfg.seed)
+    val = [
+        (x.to(device), y.to(device))
+        for x, y in val_batches(data.val, cfg.batch.size, cfg.seq.len, cfg.train.eval_batches)
+    ]
+    step, history = 0, {"train_step": [], "train_loss": [], "eval_step": []}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        step, history = state["step"], state["history"]
+    fwd = torch.compile(model) if cfg.train.compile and device.type == "cuda" else model
+
+    leaky = is_leaky(model)
+    uri = resolve_tracking_uri(cfg.tracking.uri, Path.cwd())
+    logger = (
+        RunLogger.start(
+            uri,
+            cfg.tracking.experiment,
+            run_name=run_name(cfg),
+            params=flatten_config(asdict(cfg)) if state is None else None,
+            tags={
+                **provenance_tags(),
+                **device_tags(device),
+                "leaky": str(leaky).lower(),
+                "kind": "single",
+                "run_key": run_key(cfg),
+                "n_params": str(model.num_params()),
+                "status": "running",
+                **(tags or {}),
+            },
+            parent_run_id=parent_run_id,
+            run_id=state["run_id"] if state else None,
+        )
+        if cfg.tracking.enabled
+        else RunLogger.disabled()
+    )
+    if state is not None:
+        logger.set_tags({"resumed_from_step": str(step)})
+
+    def save(status: str, result: dict | None = None) -> None:
+        checkpoint.save(
+            ckpt_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sampler": sampler.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "step": step,
+                "history": history,
+                "run_id": logger.run_id,
+                "status": status,
+                "result": result,
+                "config": asdict(cfg),
+            },
+        )
+
+    def eval_now() -> dict[str, float]:
+        metrics = evaluate(model, val, autocast, cfg.eval.batch_stats, cfg.eval.bln_switches)
+        history["eval_step"].append(step)
+        for k, v in metrics.items():
+            history.setdefault(k, []).append(v)
+        logger.log_metrics(metrics, step=step)
+        return metrics
+
+    accum = cfg.grad_accum
+    tokens_per_step = accum * cfg.batch.size * cfg.seq.len
+    diverge_at = cfg.train.diverge_loss or 2 * math.log(cfg.model.vocab_size)
+    flops_per_step = model.flops_per_token(cfg.seq.len) * tokens_per_step
+    peak = peak_flops(device)
+    status, reason, metrics = "finished", "", {}
+    t_start, t_window, window_steps = time.perf_counter(), time.perf_counter(), 0
+    wall_before = history.get("wall_s", 0.0)
+    try:
+        with checkpoint.StopSignals() as signals:
+            while step < cfg.train.steps:
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                model.train()
+                loss_sum = 0.0
+                for _ in range(accum):
+                    x, y = sampler.next_batch()
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with autocast():
+                        _, loss = fwd(x, y)
+                    (loss / accum).backward()  # mean over the optimizer step's micro-batches
+                    loss_sum += loss.item()
+                clip = cfg.optim.grad_clip or float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_steps += 1
+                train_loss = loss_sum / accum
+                history["train_step"].append(step)
+                history["train_loss"].append(train_loss)
+
+                if not math.isfinite(train_loss) or train_loss > diverge_at:
+                    status = "diverged"
+                    reason = f"train loss {train_loss:.4g} at step {step} (limit {diverge_at:.3g})"
+                    break
+                if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t_window
+                    tps = window_steps * tokens_per_step / dt
+                    m = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm}
+                    m["perf/tokens_per_s"] = tps
+                    if peak:
+                        m["perf/mfu"] = flops_per_step * window_steps / dt / peak
+                    logger.log_metrics(m, step=step)
+                    t_window, window_steps = time.perf_counter(), 0
+                if step % cfg.train.eval_interval == 0 or step == cfg.train.steps:
+                    metrics = eval_now()
+                    if on_eval is not None:
+                        on_eval(step, metrics)
+                history["wall_s"] = wall_before + time.perf_counter() - t_start
+                if signals.received is not None:
+                    save("running")
+                    logger.set_tags({"status": "preempted", "status_reason": "signal"})
+                    logger.end("KILLED")
+                    raise checkpoint.Preempted(step, signals.received, ckpt_path)
+                ckpt_every = cfg.train.checkpoint_interval
+                if ckpt_every and step % ckpt_every == 0 and step < cfg.train.steps:
+                    save("running")
+                    t_window = time.perf_counter()  # the save is not training time
+    except checkpoint.Preempted:
+        raise
+    except BaseException as e:
+        logger.set_tags({"status": "failed", "status_reason": f"{type(e).__name__}: {e}"[:500]})
+        logger.end("FAILED")
+        raise
+
+    if status == "finished" and step not in history["eval_step"]:
+        metrics = eval_now()
+    wall = history.get("wall_s", 0.0)
+    logger.log_metrics({"perf/wall_s": wall}, step=step)
+    result = {**metrics, "status": status, "step": step, "run_id": logger.run_id, "wall_s": wall}
+    if reason:
+        result["status_reason"] = reason
+    logger.set_tags({"status": status, **({"status_reason": reason} if reason else {})})
+    if cfg.tracking.enabled:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        plot = run_dir / "loss_curve.png"
+        plot_losses(history, plot)
+        logger.log_artifact(plot)
+        cfg_yaml = run_dir / "config.yaml"
+        from omegaconf import OmegaConf
+
+        cfg_yaml.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        logger.log_artifact(cfg_yaml)
+    save(status, result)
+    logger.end("FINISHED" if status == "finished" else "FAILED")
+    return result
+
+
+def main() -> None:
+    from bln_sweeps.cli import train_main
+
+    sys.exit(train_main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
