@@ -38,14 +38,14 @@ def split_argv(argv: list[str]) -> tuple[list[str], bool, bool]:
     return overrides, multirun, passthrough
 
 
-def check(overrides: list[str]) -> int:
+def check(overrides: list[str], config_name: str = "train") -> int:
     """Compose and validate every grid point; returns the number of runs."""
     from bln_sweeps.data import check_data
     from bln_sweeps.train import norm_factory
 
     points = expand_grid(overrides)
     for point in points:
-        cfg = validate(to_run_config(compose(point)))
+        cfg = validate(to_run_config(compose(point, config_name)))
         check_data(cfg)
         try:
             factory = norm_factory(cfg)

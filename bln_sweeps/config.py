@@ -150,7 +150,8 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    for group, schema in GROUPS.items():
+    cs.store(name="sweep_schema", node=SweepConfig)
+    for group, schema in {**GROUPS, **SWEEP_GROUPS}.items():
         cs.store(group=group, name="base", node=schema)
 
 
@@ -355,3 +356,53 @@ def expand_grid(overrides: list[str]) -> list[list[str]]:
             raise ConfigError(ov.key_or_group, ov.input_line, "empty axis")
         axes.append([f"{key}={v}" for v in values])
     return [list(p) for p in itertools.product(*axes)]
+
+
+# ---- bln-sweep: the sections a sweep adds to a run (conf/sweep.yaml) ----------------------------
+
+
+@dataclass
+class SweepSection:
+    name: str = "default"  # the sweep's name: its MLflow experiment, studies and directory
+    dir: str = "sweeps"  # the sweep directory is <dir>/<name>
+    grid: dict[str, str] = field(default_factory=dict)  # axes used when the CLI gives none
+
+
+@dataclass
+class SearchConfig:
+    n_trials: int = 8  # trials per cell (complete + pruned + failed count against it)
+    confirm_seeds: int = 3  # the best trial of each cell re-run with seeds 0..k-1
+    metric: str = "val/loss"  # minimised; population statistics
+    sampler: str = "tpe"  # tpe | random | qmc | gp
+    pruner: str = "median"  # none | median | halving | hyperband
+    pruner_warmup_evals: int = 1  # evaluations a trial reports before it may be pruned
+    seed: int = 0  # sampler seed
+    params: dict[str, Any] = field(default_factory=dict)  # key -> distribution (every cell)
+    per_norm: dict[str, dict[str, Any]] = field(default_factory=dict)  # norm -> extra params
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"  # local | slurm | debug
+    workers: int = 2  # worker jobs; each pulls trials until the budgets are spent
+    timeout_min: int = 60  # per worker job, always explicit (submitit's local default is 2)
+    gpus_per_worker: int = 0  # 0 on CPU-only machines
+    cpus_per_worker: int = 1
+    slurm: dict[str, Any] = field(default_factory=dict)  # submitit slurm_* parameters
+
+
+@dataclass
+class StorageConfig:
+    name: str = "embedded"  # embedded (Optuna journal file in the sweep dir) | postgres
+    url: str | None = None  # RDB URL for Optuna, e.g. postgresql://host/db
+
+
+@dataclass
+class SweepConfig(RunConfig):
+    sweep: SweepSection = field(default_factory=SweepSection)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+
+SWEEP_GROUPS = {"search": SearchConfig, "launcher": LauncherConfig, "storage": StorageConfig}

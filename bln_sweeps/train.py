@@ -34,7 +34,8 @@ from bln_sweeps.tracking import RunLogger, flatten_config, provenance_tags, reso
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU rather than a guess.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
-EvalHook = Callable[[int, dict[str, float]], None]  # (step, metrics); may raise to stop (pruning)
+# (step, metrics) -> None to go on, or a reason to stop now with status "pruned" (the sweep's pruner)
+EvalHook = Callable[[int, dict[str, float]], str | None]
 
 
 def run_key(cfg: RunConfig) -> str:
@@ -151,7 +152,7 @@ def run(
 
     A checkpoint in `run_dir` (default `<train.out_dir>/<run key>`) is resumed; one marked
     finished returns its stored result. Raises checkpoint.Preempted after saving on SIGTERM /
-    SIGUSR1; anything `on_eval` raises ends the run (the sweep's pruning) and propagates.
+    SIGUSR1. `on_eval` sees every evaluation; a reason it returns stops the run as "pruned".
     """
     run_dir = Path(run_dir or Path(cfg.train.out_dir) / run_key(cfg))
     ckpt_path = run_dir / checkpoint.CKPT_NAME
@@ -296,8 +297,11 @@ def run(
                     t_window, window_steps = time.perf_counter(), 0
                 if step % cfg.train.eval_interval == 0 or step == cfg.train.steps:
                     metrics = eval_now()
-                    if on_eval is not None:
-                        on_eval(step, metrics)
+                    stop = on_eval(step, metrics) if on_eval is not None else None
+                    t_window, window_steps = time.perf_counter(), 0  # eval is not training time
+                    if stop:
+                        status, reason = "pruned", stop
+                        break
                 history["wall_s"] = wall_before + time.perf_counter() - t_start
                 if signals.received is not None:
                     save("running")
@@ -334,7 +338,7 @@ def run(
         cfg_yaml.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         logger.log_artifact(cfg_yaml)
     save(status, result)
-    logger.end("FINISHED" if status == "finished" else "FAILED")
+    logger.end("FAILED" if status == "diverged" else "FINISHED")  # pruned ends normally
     return result
 
 

@@ -1,0 +1,5 @@
+"""`python -m launchers` is `bln-sweep`."""
+
+from launchers.cli import main
+
+main()

@@ -1,0 +1,237 @@
+"""`bln-sweep`: plan and validate a sweep, create its studies and MLflow runs, submit workers,
+then follow them (or `--detach`). Running the same command again resumes the sweep.
+
+    bln-sweep norm=layernorm,bln,powernorm batch=b4,b32 seq=s1024 search.n_trials=30
+    bln-sweep --dry-run ...        # print cells, budget and jobs; create and submit nothing
+    bln-sweep status NAME          # progress of a running or finished sweep
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bln_sweeps.config import ConfigError
+from launchers.plan import Plan, make_plan
+
+USAGE = __doc__.split("\n\n", 1)[1]
+
+
+def fail(message: str) -> int:
+    print(f"bln-sweep: error: {message}", file=sys.stderr)
+    return 2
+
+
+def check_storage(url: str | None) -> None:
+    if not url:
+        return
+    try:
+        import sqlalchemy
+
+        with sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5}).connect():
+            pass
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("storage.url", url, f"cannot connect: {first}") from None
+
+
+def check_cells(plan: Plan) -> None:
+    """Build each cell's norms once (imports torch; skipped by --dry-run) so a bad norm option
+    fails here, not in a worker."""
+    from bln_sweeps.cli import check
+
+    for cell in plan.cells:
+        check([*plan.base_overrides, *cell["overrides"]], "sweep")
+
+
+def print_plan(plan: Plan) -> None:
+    s = plan.search
+    print(f"sweep {plan.sweep!r} in {plan.sweep_dir}")
+    print(f"grid axes: {' '.join(plan.axes) or '(none)'}")
+    print(
+        f"{len(plan.cells)} cells x ({s['n_trials']} trials + {s['confirm_seeds']} confirm seeds)"
+        f" = {plan.trial_budget} runs; sampler {s['sampler']}, pruner {s['pruner']}"
+    )
+    for cell in plan.cells:
+        space = ", ".join(f"{k}={v}" for k, v in cell["space"].items()) or "(nothing searched)"
+        print(f"  {cell['name']}: {space}")
+    n = plan.launcher["workers"]
+    print(
+        f"{n} worker job(s) on launcher {plan.launcher['name']!r}"
+        f" (timeout {plan.launcher['timeout_min']} min each)"
+    )
+
+
+def tracking_uri(plan: Plan) -> str:
+    from bln_sweeps.tracking import resolve_tracking_uri
+    from launchers.plan import sweep_config
+
+    uri = sweep_config(plan.base_overrides).tracking.uri
+    return resolve_tracking_uri(uri, plan.sweep_dir.resolve())
+
+
+def prepare(plan: Plan, command: str) -> dict:
+    """Create (or reopen) the sweep directory, its studies and its MLflow parent runs; write the
+    manifest workers read. Idempotent: a rerun reuses every id."""
+    import optuna
+
+    from bln_sweeps.search import open_storage, study_names
+    from bln_sweeps.tracking import RunLogger
+
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = plan.sweep_dir / "manifest.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old_cells = {c["name"]: c for c in old.get("cells", [])}
+    uri = old.get("tracking_uri") or tracking_uri(plan)
+    storage = open_storage(plan.storage_url, plan.sweep_dir)
+    sweep_run = old.get("mlflow_run_id")
+    if sweep_run is None:
+        logger = RunLogger.start(
+            uri,
+            plan.sweep,
+            run_name=f"sweep {plan.sweep}",
+            tags={"sweep": plan.sweep, "kind": "sweep"},
+            description=f"`{command}`",
+        )
+        sweep_run = logger.run_id
+    cells = []
+    for cell in plan.cells:
+        for name in study_names(plan.sweep, cell["name"]):
+            optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
+        run_id = old_cells.get(cell["name"], {}).get("mlflow_run_id")
+        if run_id is None:
+            logger = RunLogger.start(
+                uri,
+                plan.sweep,
+                run_name=cell["name"],
+                parent_run_id=sweep_run,
+                tags={"sweep": plan.sweep, "kind": "cell", "cell": cell["name"]},
+            )
+            run_id = logger.run_id
+        cells.append({**cell, "mlflow_run_id": run_id})
+    manifest = {
+        "sweep": plan.sweep,
+        "command": command,
+        "base_overrides": plan.base_overrides,
+        "base_seed": plan.base_seed,
+        "cells": cells,
+        "search": plan.search,
+        "launcher": plan.launcher,
+        "storage_url": plan.storage_url,
+        "tracking_uri": uri,
+        "mlflow_run_id": sweep_run,
+        "jobs": old.get("jobs", []),
+    }
+    write_manifest(plan.sweep_dir, manifest)
+    return manifest
+
+
+def write_manifest(sweep_dir: Path, manifest: dict) -> None:
+    tmp = sweep_dir / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, sweep_dir / "manifest.json")
+
+
+def follow(sweep_dir: Path, jobs: list, poll_s: float = 2.0) -> bool:
+    """Live progress until every cell is finished; False if the workers all stopped first."""
+    from launchers.progress import cell_rows, render
+
+    shown = None
+    while True:
+        rows = cell_rows(sweep_dir)
+        table = render(rows)
+        if table != shown:
+            print(f"\n[{time.strftime('%H:%M:%S')}]\n{table}", flush=True)
+            shown = table
+        if all(r["finished"] for r in rows):
+            return True
+        if jobs and all(j.done() for j in jobs):
+            return all(r["finished"] for r in cell_rows(sweep_dir))
+        time.sleep(poll_s)
+
+
+def ranked_table(manifest: dict) -> None:
+    """The ranked table from the analysis module, in its own process (launchers never import
+    analysis)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "analysis",
+        manifest["sweep"],
+        "--tracking-uri",
+        manifest["tracking_uri"],
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    print(out.stdout if out.returncode == 0 else f"(no table: {out.stderr.strip()})")
+
+
+def run_sweep(argv: list[str]) -> int:
+    flags = {a for a in argv if a.startswith("--")}
+    overrides = [a for a in argv if not a.startswith("--")]
+    unknown = flags - {"--dry-run", "--detach", "--help"}
+    if unknown:
+        return fail(f"unknown flag {sorted(unknown)[0]}; valid flags: --dry-run, --detach, --help")
+    if "--help" in flags:
+        print(USAGE)
+        return 0
+    from launchers.submit import check_launcher, submit_workers
+
+    try:
+        plan = make_plan(overrides)
+        check_launcher(plan.launcher)
+        check_storage(plan.storage_url)
+        if "--dry-run" in flags:
+            print_plan(plan)
+            return 0
+        check_cells(plan)
+    except ConfigError as e:
+        return fail(str(e))
+    command = " ".join(["bln-sweep", *argv])
+    manifest = prepare(plan, command)
+    print_plan(plan)
+    jobs = submit_workers(plan.sweep_dir, plan.launcher, first_id=len(manifest["jobs"]))
+    manifest["jobs"] += [
+        {"job_id": str(j.job_id), "launcher": plan.launcher["name"], "submitted": time.time()}
+        for j in jobs
+    ]
+    write_manifest(plan.sweep_dir, manifest)
+    if "--detach" in flags:
+        print(f"submitted {len(jobs)} worker(s); follow with: bln-sweep status {plan.sweep}")
+        return 0
+    finished = follow(plan.sweep_dir, jobs)
+    for j in jobs:
+        if j.done() and j.state not in ("FINISHED", "COMPLETED", "DONE"):
+            try:
+                j.result()
+            except Exception as e:
+                print(
+                    f"worker {j.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr
+                )
+    if not finished:
+        print("workers stopped before the budget was spent; rerun the same command to resume")
+        return 1
+    ranked_table(manifest)
+    print(f"browse: mlflow ui --backend-store-uri {manifest['tracking_uri']}")
+    return 0
+
+
+def status(argv: list[str]) -> int:
+    from launchers.plan import sweep_config
+    from launchers.progress import cell_rows, render
+
+    if len(argv) != 1:
+        return fail("usage: bln-sweep status NAME")
+    root = Path(sweep_config([]).sweep.dir)
+    sweep_dir = root / argv[0]
+    if not (sweep_dir / "manifest.json").exists():
+        known = sorted(p.parent.name for p in root.glob("*/manifest.json"))
+        return fail(f"no sweep {argv[0]!r} in {root}/; sweeps: {', '.join(known) or 'none'}")
+    print(render(cell_rows(sweep_dir)))
+    return 0
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    sys.exit(status(argv[1:]) if argv[:1] == ["status"] else run_sweep(argv))

@@ -1,0 +1,101 @@
+"""A sweep command line -> a validated plan: cells, search spaces, budgets. Torch-free.
+
+Comma lists (and range()/glob()) on the command line are grid axes: their Cartesian product is
+the set of cells, one Optuna study each. Everything else is a plain override applied to every
+trial. With no axes on the command line, `sweep.grid` in conf/sweep.yaml is the grid. Every
+cell's config is composed and validated here, before anything is created or submitted.
+"""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bln_sweeps.config import (
+    ConfigError,
+    SweepConfig,
+    compose,
+    expand_grid,
+    to_run_config,
+    validate,
+)
+from bln_sweeps.search import parse_space
+
+
+@dataclass
+class Plan:
+    sweep: str
+    sweep_dir: Path
+    base_overrides: list[str]
+    cells: list[dict[str, Any]]  # name, overrides, space
+    search: dict[str, Any]
+    launcher: dict[str, Any]
+    storage_url: str | None
+    base_seed: int
+    axes: list[str] = field(default_factory=list)
+
+    @property
+    def trial_budget(self) -> int:
+        return len(self.cells) * (self.search["n_trials"] + self.search["confirm_seeds"])
+
+
+def is_axis(override: str) -> bool:
+    return len(expand_grid([override])) > 1 or "glob(" in override or "range(" in override
+
+
+def sweep_config(overrides: list[str]) -> SweepConfig:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(compose(overrides, "sweep"))
+
+
+def make_plan(overrides: list[str]) -> Plan:
+    axes = [o for o in overrides if is_axis(o)]
+    base = [o for o in overrides if o not in axes]
+    cfg = sweep_config(base)
+    if not axes:
+        axes = [f"{k}={v}" for k, v in cfg.sweep.grid.items()]
+    axis_keys = [a.split("=", 1)[0].lstrip("+") for a in axes]
+    for key in axis_keys:
+        if key in ("seed",):
+            raise ConfigError(key, "grid", "seeds come from search.confirm_seeds, not a grid axis")
+    s = cfg.search
+    if s.n_trials < 1:
+        raise ConfigError("search.n_trials", s.n_trials, "must be >= 1")
+    if s.confirm_seeds < 0:
+        raise ConfigError("search.confirm_seeds", s.confirm_seeds, "must be >= 0")
+    if cfg.launcher.workers < 1:
+        raise ConfigError("launcher.workers", cfg.launcher.workers, "must be >= 1")
+    if cfg.launcher.timeout_min < 1:
+        raise ConfigError("launcher.timeout_min", cfg.launcher.timeout_min, "must be >= 1")
+    from bln_sweeps.search import make_pruner, make_sampler
+
+    make_sampler(asdict(s)), make_pruner(asdict(s))  # unknown names fail here, not in a worker
+    if not s.metric.startswith("val/loss"):
+        raise ConfigError(
+            "search.metric", s.metric, "a validation loss: val/loss or val/loss@<mode>"
+        )
+
+    cells = []
+    for point in expand_grid(axes):
+        run_cfg = validate(to_run_config(compose([*base, *point], "sweep")))
+        space = {**s.params, **s.per_norm.get(run_cfg.norm.name, {})}
+        for key in space:
+            if key in axis_keys:
+                raise ConfigError(key, space[key], "is a grid axis; it cannot also be searched")
+        dists = parse_space(space)
+        for key, dist in dists.items():  # each searched key must exist and take its values
+            low = dist.choices[0] if hasattr(dist, "choices") else dist.low
+            validate(to_run_config(compose([*base, *point, f"{key}={low}"], "sweep")))
+        name = ",".join(p.lstrip("+") for p in point if p.split("=", 1)[0].lstrip("+") in axis_keys)
+        cells.append({"name": name or "all", "overrides": point, "space": space})
+    return Plan(
+        sweep=cfg.sweep.name,
+        sweep_dir=Path(cfg.sweep.dir) / cfg.sweep.name,
+        base_overrides=base,
+        cells=cells,
+        search=asdict(s),
+        launcher=asdict(cfg.launcher),
+        storage_url=cfg.storage.url,
+        base_seed=cfg.seed,
+        axes=axes,
+    )

@@ -1,0 +1,48 @@
+"""Progress of a sweep, read from its Optuna studies: per cell, done / running / pruned / failed
+and the best value so far. Used by the live view and by `bln-sweep status NAME`."""
+
+import math
+from pathlib import Path
+
+from bln_sweeps.search import budget_state, load_manifest, open_storage, study_names
+
+
+def cell_rows(sweep_dir: Path) -> list[dict]:
+    import optuna
+
+    m = load_manifest(sweep_dir)
+    storage = open_storage(m["storage_url"], sweep_dir)
+    rows = []
+    for cell in m["cells"]:
+        search_name, confirm_name = study_names(m["sweep"], cell["name"])
+        search = optuna.load_study(study_name=search_name, storage=storage)
+        confirm = optuna.load_study(study_name=confirm_name, storage=storage)
+        s = budget_state(search, m["search"]["n_trials"])
+        c = budget_state(confirm, m["search"]["confirm_seeds"])
+        values = [t.value for t in search.get_trials(deepcopy=False) if t.value is not None]
+        rows.append(
+            {
+                "cell": cell["name"],
+                "trials": f"{s['done']}/{m['search']['n_trials']}",
+                "running": s["running"] + c["running"],
+                "complete": s["complete"],
+                "pruned": s["pruned"],
+                "failed": s["failed"] + c["failed"],
+                "best": min(values) if values else math.nan,
+                "confirm": f"{c['done']}/{m['search']['confirm_seeds']}",
+                "finished": s["left"] <= 0
+                and not (s["running"] or s["waiting"])
+                and (c["left"] <= 0 or s["complete"] == 0)
+                and not (c["running"] or c["waiting"]),
+            }
+        )
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    cols = ["cell", "trials", "running", "complete", "pruned", "failed", "best", "confirm"]
+    cells = [[r[c] if c != "best" else f"{r[c]:.4f}" for c in cols] for r in rows]
+    widths = [max(len(str(x)) for x in [c, *(row[i] for row in cells)]) for i, c in enumerate(cols)]
+    line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
+    body = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join([line, *body])

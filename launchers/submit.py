@@ -1,0 +1,77 @@
+"""Worker jobs through submitit: local processes (one GPU each) or in-process for debugging.
+
+Every job runs `bln_sweeps.search.worker_main(sweep_dir, worker_id)`, a module-level function
+(pickled by reference). Time limits are always explicit: submitit's local default of 2 minutes
+never applies.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+from bln_sweeps.config import ConfigError
+
+LAUNCHERS = ("local", "debug")
+
+
+def visible_gpus() -> list[int]:
+    """GPU indices this machine offers, honouring an existing CUDA_VISIBLE_DEVICES; no torch
+    import (nvidia-smi is the probe when the variable is unset)."""
+    import shutil
+    import subprocess
+
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [int(x) for x in env.split(",") if x.strip().isdigit()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    return list(range(sum(line.startswith("GPU ") for line in out.stdout.splitlines())))
+
+
+def gpu_assignment(workers: int, gpus_per_worker: int, gpus: list[int]) -> list[list[int]]:
+    """Disjoint GPU sets, one per worker (never the same GPU for every job)."""
+    if gpus_per_worker == 0:
+        return [[] for _ in range(workers)]
+    need = workers * gpus_per_worker
+    if need > len(gpus):
+        raise ConfigError(
+            "launcher.workers",
+            workers,
+            f"needs {need} GPUs ({gpus_per_worker} per worker) but this machine has {len(gpus)}",
+        )
+    return [gpus[i * gpus_per_worker : (i + 1) * gpus_per_worker] for i in range(workers)]
+
+
+def check_launcher(launcher: dict[str, Any]) -> None:
+    if launcher["name"] not in LAUNCHERS:
+        raise ConfigError("launcher", launcher["name"], f"valid choices: {', '.join(LAUNCHERS)}")
+    if launcher["name"] == "local":
+        gpu_assignment(launcher["workers"], launcher["gpus_per_worker"], visible_gpus())
+
+
+def submit_workers(sweep_dir: Path, launcher: dict[str, Any], first_id: int = 0) -> list:
+    """Submit `launcher.workers` worker jobs; returns submitit jobs (debug: already finished)."""
+    import submitit
+
+    from bln_sweeps.search import worker_main
+
+    name, n = launcher["name"], launcher["workers"]
+    folder = sweep_dir / "jobs" / "%j"
+    if name == "debug":
+        ex = submitit.AutoExecutor(folder=folder, cluster="debug")
+        ex.update_parameters(timeout_min=launcher["timeout_min"])
+        return [ex.submit(worker_main, str(sweep_dir), first_id + i) for i in range(n)]
+    gpus = gpu_assignment(n, launcher["gpus_per_worker"], visible_gpus())
+    jobs = []
+    for i, worker_gpus in enumerate(gpus):
+        ex = submitit.AutoExecutor(folder=folder, cluster="local")
+        ex.update_parameters(
+            timeout_min=launcher["timeout_min"],
+            gpus_per_node=len(worker_gpus),
+            visible_gpus=worker_gpus,
+        )
+        job = ex.submit(worker_main, str(sweep_dir), first_id + i)
+        job._cancel_at_deletion = False  # workers outlive a detached or killed driver
+        jobs.append(job)
+    return jobs
