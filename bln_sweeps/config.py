@@ -151,7 +151,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     cs.store(name="sweep_schema", node=SweepConfig)
-    for group, schema in {**GROUPS, **SWEEP_GROUPS}.items():
+    for group, schema in ALL_GROUPS.items():
         cs.store(group=group, name="base", node=schema)
 
 
@@ -282,7 +282,7 @@ def _explain(override: str, err: Exception, overrides: list[str]) -> ConfigError
         chain.append(str(e))
         e = e.__cause__ or e.__context__
     text = " | ".join(chain)
-    if isinstance(err, MissingConfigException) and key in GROUPS:
+    if isinstance(err, MissingConfigException) and key in ALL_GROUPS:
         return ConfigError(
             key, value, f"unknown option; valid choices: {', '.join(group_options(key))}"
         )
@@ -306,7 +306,7 @@ def compose(overrides: list[str], config_name: str = "train") -> Any:
     register_configs()
     for ov in overrides:  # an unknown group option is clearest when caught before Hydra's message
         key, _, value = ov.partition("=")
-        if key in GROUPS and value and "," not in value and "(" not in value:
+        if key in ALL_GROUPS and value and "," not in value and "(" not in value:
             if value not in group_options(key):
                 raise ConfigError(key, value, f"valid choices: {', '.join(group_options(key))}")
     GlobalHydra.instance().clear()
@@ -406,3 +406,4 @@ class SweepConfig(RunConfig):
 
 
 SWEEP_GROUPS = {"search": SearchConfig, "launcher": LauncherConfig, "storage": StorageConfig}
+ALL_GROUPS = {**GROUPS, **SWEEP_GROUPS}

@@ -1,0 +1,283 @@
+"""bln-sweep: grid axes x one study per cell, workers that pull trials, pruning, resume."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bln_sweeps.config import ConfigError
+from bln_sweeps.search import parse_distribution, parse_space
+from launchers.plan import make_plan
+
+# A small, fast sweep on the tiny model: 3 norms x 2 batch sizes.
+FAST = [
+    "train.steps=12",
+    "train.eval_interval=4",
+    "train.eval_batches=1",
+    "train.log_interval=4",
+    "train.checkpoint_interval=4",
+    "batch.tokens_per_step=1024",
+    "seq.len=64",
+    "data.n_train_tokens=30000",
+    "data.n_val_tokens=5000",
+]
+
+
+def test_search_grammar_maps_to_optuna():
+    import optuna.distributions as od
+
+    space = parse_space(
+        {
+            "optim.lr": "tag(log, interval(1e-4, 3e-3))",
+            "optim.weight_decay": "interval(0.0, 0.2)",
+            "norm.options.warmup_steps": "int(interval(0, 100))",
+            "optim.beta2": "choice(0.95, 0.99)",
+            "train.eval_batches": "range(1, 9, 2)",
+            "seed": 3,
+        }
+    )
+    assert space["optim.lr"] == od.FloatDistribution(1e-4, 3e-3, log=True)
+    assert space["optim.weight_decay"] == od.FloatDistribution(0.0, 0.2)
+    assert space["norm.options.warmup_steps"] == od.IntDistribution(0, 100)
+    assert space["optim.beta2"] == od.CategoricalDistribution([0.95, 0.99])
+    assert space["train.eval_batches"] == od.IntDistribution(1, 7, step=2)
+    assert "seed" not in space  # a plain value is not searched
+
+
+@pytest.mark.parametrize(
+    "expression", ["interval(3, 1)", "tag(log, interval(0, 1))", "range(5, 1)", "interval(a"]
+)
+def test_invalid_distributions_are_rejected(expression):
+    with pytest.raises(ConfigError):
+        parse_distribution("optim.lr", expression)
+
+
+def test_plan_cells_are_the_grid_product():
+    plan = make_plan(["norm=layernorm,bln,powernorm", "batch=b4,b16", *FAST])
+    assert [c["name"] for c in plan.cells][:2] == [
+        "norm=layernorm,batch=b4",
+        "norm=layernorm,batch=b16",
+    ]
+    assert len(plan.cells) == 6 and plan.trial_budget == 6 * (6 + 3)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["nrom=layernorm,bln"], "nrom"),
+        (["norm=layernorm,bogus"], "norm"),
+        (["seq=glob(nothing*)"], "seq"),
+        (["search.n_trials=0"], "search.n_trials"),
+        (["search.confirm_seeds=-1"], "search.confirm_seeds"),
+        (["optim.lr=1e-3,2e-3", "search=default"], "optim.lr"),
+        (["search.sampler=anneal"], "search.sampler"),
+        (["search.pruner=sometimes"], "search.pruner"),
+        (["launcher=nowhere"], "launcher"),
+        (["launcher.workers=0"], "launcher.workers"),
+    ],
+)
+def test_bad_sweeps_are_rejected_before_anything_exists(overrides, key, tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "launchers", *overrides],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], p.stderr
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_searched_key_that_is_a_grid_axis_is_rejected():
+    with pytest.raises(ConfigError, match="grid axis"):
+        make_plan(["optim.lr=1e-3,2e-3"])
+
+
+def test_unreachable_storage_is_rejected():
+    with pytest.raises(ConfigError, match="storage.url"):
+        from launchers.cli import check_storage
+
+        check_storage("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "launchers", "--dry-run", "norm=layernorm,bln", "batch=b4,b16"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "4 cells" in p.stdout and "norm=bln,batch=b16" in p.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- end to end: real worker processes, a real journal file, a real MLflow SQLite store ------
+
+
+def bln_sweep(*args, cwd, timeout=900, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "launchers", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
+def sweep_facts(sweep_dir: Path) -> dict:
+    """Trial counts per cell from the studies, and every MLflow run of the sweep."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from bln_sweeps.search import counted, load_manifest, open_storage, study_names
+
+    m = load_manifest(sweep_dir)
+    storage = open_storage(m["storage_url"], sweep_dir)
+    facts = {"cells": {}, "runs": []}
+    for cell in m["cells"]:
+        search, confirm = (
+            optuna.load_study(study_name=n, storage=storage)
+            for n in study_names(m["sweep"], cell["name"])
+        )
+        facts["cells"][cell["name"]] = {
+            "search": [t for t in search.get_trials() if counted(t)],
+            "confirm": [t for t in confirm.get_trials() if counted(t)],
+        }
+    client = MlflowClient(tracking_uri=m["tracking_uri"])
+    exp = client.get_experiment_by_name(m["sweep"])
+    facts["runs"] = client.search_runs([exp.experiment_id], max_results=5000)
+    return facts
+
+
+def assert_complete(facts, n_trials, confirm_seeds):
+    for name, cell in facts["cells"].items():
+        search = cell["search"]
+        assert len(search) == n_trials, name
+        assert all(t.state.is_finished() for t in search), name
+        assert len({t.number for t in search}) == n_trials  # no duplicate trial numbers
+        assert sorted(t.user_attrs["seed"] for t in cell["confirm"]) == list(range(confirm_seeds))
+    assert not [r for r in facts["runs"] if r.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end_with_local_workers(tmp_path):
+    p = bln_sweep(
+        "norm=layernorm,bln,powernorm",
+        "batch=b4,b16",
+        "sweep.name=e2e",
+        "search.n_trials=3",
+        "search.confirm_seeds=2",
+        "launcher.workers=2",
+        "search.pruner=none",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    facts = sweep_facts(tmp_path / "sweeps" / "e2e")
+    assert len(facts["cells"]) == 6
+    assert_complete(facts, n_trials=3, confirm_seeds=2)
+    kinds = [r.data.tags["kind"] for r in facts["runs"]]
+    assert kinds.count("sweep") == 1 and kinds.count("cell") == 6
+    assert kinds.count("trial") == 18 and kinds.count("confirm") == 12
+    trial = next(r for r in facts["runs"] if r.data.tags["kind"] == "confirm")
+    assert trial.data.tags["sweep"] == "e2e" and "mlflow.parentRunId" in trial.data.tags
+    assert " · confirm seed " in trial.info.run_name
+    # confirm runs re-run the best trial's parameters
+    for cell in facts["cells"].values():
+        best = min((t for t in cell["search"] if t.value is not None), key=lambda t: t.value)
+        assert all(t.user_attrs["best_trial"] == best.number for t in cell["confirm"])
+    # a rerun of the same command resumes: nothing left, nothing run twice
+    again = bln_sweep(
+        "norm=layernorm,bln,powernorm",
+        "batch=b4,b16",
+        "sweep.name=e2e",
+        "search.n_trials=3",
+        "search.confirm_seeds=2",
+        "launcher.workers=2",
+        "search.pruner=none",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr
+    assert len(sweep_facts(tmp_path / "sweeps" / "e2e")["runs"]) == len(facts["runs"])
+
+
+@pytest.mark.slow
+def test_pruning_stops_hopeless_trials(tmp_path):
+    p = bln_sweep(
+        "norm=layernorm",
+        "sweep.name=prune",
+        "search.n_trials=6",
+        "search.confirm_seeds=0",
+        "search.sampler=random",
+        "search.pruner=median",
+        "launcher=debug",
+        "search.params={optim.lr:'choice(3e-3, 1e-7)'}",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    cell = sweep_facts(tmp_path / "sweeps" / "prune")["cells"]["norm=layernorm"]
+    states = [t.state.name for t in cell["search"]]
+    assert states.count("PRUNED") >= 1 and len(states) == 6
+    pruned = [t for t in cell["search"] if t.state.name == "PRUNED"]
+    assert all(t.params["optim.lr"] == 1e-7 for t in pruned)
+
+
+@pytest.mark.slow
+def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path):
+    import os
+    import signal
+    import time
+
+    import optuna
+
+    args = [
+        "norm=layernorm,rmsnorm",
+        "sweep.name=kill",
+        "search.n_trials=2",
+        "search.confirm_seeds=1",
+        "launcher.workers=1",
+        "search.pruner=none",
+        *FAST,
+        "train.steps=40",
+        "train.checkpoint_interval=4",
+    ]
+    p = bln_sweep(*args, "--detach", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    sweep_dir = tmp_path / "sweeps" / "kill"
+    from bln_sweeps.search import load_manifest, open_storage
+
+    m = load_manifest(sweep_dir)
+    storage = open_storage(m["storage_url"], sweep_dir)
+    victim = None
+    deadline = time.time() + 300
+    while victim is None and time.time() < deadline:  # a trial that has checkpointed
+        for s in optuna.get_all_study_names(storage):
+            for t in optuna.load_study(study_name=s, storage=storage).get_trials():
+                ckpt = Path(t.user_attrs.get("run_dir", "/nonexistent")) / "ckpt.pt"
+                if t.state.name == "RUNNING" and ckpt.exists():
+                    victim = t
+        time.sleep(0.2)
+    assert victim is not None
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)  # the worker dies mid-trial
+    p = bln_sweep(*args, cwd=tmp_path)  # the same command again
+    assert p.returncode == 0, p.stdout + p.stderr
+    facts = sweep_facts(sweep_dir)
+    assert_complete(facts, n_trials=2, confirm_seeds=1)
+    retried = [
+        t
+        for c in facts["cells"].values()
+        for t in c["search"] + c["confirm"]
+        if t.user_attrs.get("retry_of") == victim.number
+    ]
+    assert len(retried) == 1 and retried[0].user_attrs["run_dir"] == victim.user_attrs["run_dir"]
+    # the retry resumed the dead trial's MLflow run from its checkpoint
+    run = next(r for r in facts["runs"] if r.info.run_id == retried[0].user_attrs["mlflow_run_id"])
+    assert int(run.data.tags["resumed_from_step"]) >= 4
