@@ -450,9 +450,9 @@ def worker_main(sweep_dir: str, worker_id: int = 0) -> int:
 
 def close_parent_runs(manifest: dict) -> None:
     """End the sweep's and cells' MLflow runs once no trial is left (any worker may do it)."""
-    from mlflow.tracking import MlflowClient
+    from bln_sweeps.tracking import tracking_client
 
-    client = MlflowClient(tracking_uri=manifest["tracking_uri"])
+    client = tracking_client(manifest["tracking_uri"])
     for run_id in [c["mlflow_run_id"] for c in manifest["cells"]] + [manifest["mlflow_run_id"]]:
         if run_id and client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, "FINISHED")

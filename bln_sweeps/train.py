@@ -47,6 +47,13 @@ def run_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def params_of(cfg: RunConfig) -> dict:
+    """The resolved config as MLflow params: everything but where the params themselves go."""
+    d = asdict(cfg)
+    d.pop("tracking")
+    return d
+
+
 def run_name(cfg: RunConfig) -> str:
     return cfg.tracking.run_name or f"{cfg.norm.name} · b{cfg.batch.size} · s{cfg.seq.len}"
 
@@ -202,7 +209,7 @@ def run(
             uri,
             cfg.tracking.experiment,
             run_name=run_name(cfg),
-            params=flatten_config(asdict(cfg)) if state is None else None,
+            params=flatten_config(params_of(cfg)) if state is None else None,
             tags={
                 **provenance_tags(),
                 **device_tags(device),
