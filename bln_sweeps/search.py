@@ -401,7 +401,7 @@ class Worker:
             "sweep": self.manifest["sweep"],
             "cell": cell["name"],
             "trial": str(trial.number),
-            "kind": kind,
+            "kind": "confirm" if confirm else "trial",
             "optuna.study": study.study_name,
         }
         try:

@@ -152,6 +152,14 @@ def follow(sweep_dir: Path, jobs: list, poll_s: float = 2.0) -> bool:
         time.sleep(poll_s)
 
 
+def release(jobs: list) -> None:
+    """Drop submitit's job handles now: their finalizers fail at interpreter shutdown."""
+    import gc
+
+    jobs.clear()
+    gc.collect()
+
+
 def ranked_table(manifest: dict) -> None:
     """The ranked table from the analysis module, in its own process (launchers never import
     analysis)."""
@@ -199,6 +207,7 @@ def run_sweep(argv: list[str]) -> int:
     write_manifest(plan.sweep_dir, manifest)
     if "--detach" in flags:
         print(f"submitted {len(jobs)} worker(s); follow with: bln-sweep status {plan.sweep}")
+        release(jobs)
         return 0
     finished = follow(plan.sweep_dir, jobs)
     for j in jobs:
@@ -209,6 +218,7 @@ def run_sweep(argv: list[str]) -> int:
                 print(
                     f"worker {j.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr
                 )
+    release(jobs)
     if not finished:
         print("workers stopped before the budget was spent; rerun the same command to resume")
         return 1

@@ -51,7 +51,8 @@ def check_launcher(launcher: dict[str, Any]) -> None:
 
 
 def submit_workers(sweep_dir: Path, launcher: dict[str, Any], first_id: int = 0) -> list:
-    """Submit `launcher.workers` worker jobs; returns submitit jobs (debug: already finished)."""
+    """Submit `launcher.workers` worker jobs; returns submitit jobs. `debug` runs the workers
+    one after another in this process (breakpoints work) and returns no jobs."""
     import submitit
 
     from bln_sweeps.search import worker_main
@@ -59,13 +60,13 @@ def submit_workers(sweep_dir: Path, launcher: dict[str, Any], first_id: int = 0)
     name, n = launcher["name"], launcher["workers"]
     folder = sweep_dir / "jobs" / "%j"
     if name == "debug":
-        ex = submitit.AutoExecutor(folder=folder, cluster="debug")
-        ex.update_parameters(timeout_min=launcher["timeout_min"])
-        return [ex.submit(worker_main, str(sweep_dir), first_id + i) for i in range(n)]
+        for i in range(n):
+            worker_main(str(sweep_dir), first_id + i)
+        return []
     gpus = gpu_assignment(n, launcher["gpus_per_worker"], visible_gpus())
     jobs = []
     for i, worker_gpus in enumerate(gpus):
-        ex = submitit.AutoExecutor(folder=folder, cluster="local")
+        ex = submitit.LocalExecutor(folder=folder)
         ex.update_parameters(
             timeout_min=launcher["timeout_min"],
             gpus_per_node=len(worker_gpus),
