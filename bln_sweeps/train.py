@@ -34,7 +34,7 @@ from bln_sweeps.tracking import RunLogger, flatten_config, provenance_tags, reso
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU rather than a guess.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
-# (step, metrics) -> None to go on, or a reason to stop now with status "pruned" (the sweep's pruner)
+# (step, metrics) -> None to go on, or a reason to stop now as "pruned" (the sweep's pruner)
 EvalHook = Callable[[int, dict[str, float]], str | None]
 
 
