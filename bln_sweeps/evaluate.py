@@ -86,17 +86,21 @@ def evaluate(
 ) -> dict[str, float]:
     """Validation losses keyed by logical metric name (`val/loss`, `val/loss@<mode>`)."""
     out = {}
+    # Each mode gets its own snapshot: the train-mode pass must not move the running statistics
+    # that the eval-mode passes after it read.
     with frozen_buffers(model):
         model.eval()
         out["val/loss"] = mean_loss(model, batches, autocast)
-        if batch_stats:
+    if batch_stats:
+        with frozen_buffers(model):
             model.train()
             for m in model.modules():  # batch statistics, but no dropout noise
                 if isinstance(m, nn.Dropout):
                     m.eval()
             out["val/loss@batch"] = mean_loss(model, batches, autocast)
-        if has_bln(model):
-            codes = ALL_BLN_SWITCHES if "all" in bln_codes else list(dict.fromkeys(bln_codes))
+    if has_bln(model):
+        codes = ALL_BLN_SWITCHES if "all" in bln_codes else list(dict.fromkeys(bln_codes))
+        with frozen_buffers(model):
             model.eval()
             for code in codes:
                 with bln_switches(model, code):
