@@ -1,0 +1,153 @@
+"""bln-analyze: a sweep's MLflow runs -> ranked comparison tables (and figures).
+
+    bln-analyze default                                  # Markdown table of sweeps/default
+    bln-analyze big --metric val/loss@batch --format md,csv,tex --out reports/big --plots
+    bln-analyze --experiment bln-train --filter "params.\\"seq.len\\" = '1024'"
+
+Bad input (unknown sweep or experiment, a metric no run has, a baseline norm not in the sweep,
+an empty selection, an unknown format) is one line on stderr naming what exists, exit code 2.
+Nothing heavy is imported before the arguments are read, so --help is instant on a login node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+PROG = "bln-analyze"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints the usage too)
+        fail(f"{message}; see {PROG} --help")
+
+
+def fail(message: str, code: int = 2):
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Ranked comparison tables of a sweep's runs: mean ± CI over seeds, Δ vs a "
+        "baseline norm with Welch/paired t-tests and Holm's correction, exports and plots.",
+    )
+    p.add_argument("sweep", nargs="?", help="sweep name (= its MLflow experiment)")
+    p.add_argument("--experiment", help="an MLflow experiment instead of a sweep, e.g. bln-train")
+    p.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.kind='single'\"")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow store; default: the sweep's (sweeps/<name>/manifest.json), else "
+        "MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db",
+    )
+    p.add_argument("--sweeps-dir", default="sweeps", help="where bln-sweep keeps sweeps")
+    p.add_argument(
+        "--metric",
+        default="val/loss",
+        help="headline metric (default val/loss; val/loss@batch and val/loss:batch both work)",
+    )
+    p.add_argument("--baseline", default="layernorm", help="norm to compare with, or 'none'")
+    p.add_argument("--axes", help="cell axes, comma-separated (default: found from the runs)")
+    p.add_argument("--format", default="md", help="md,csv,tex,html,json (comma-separated)")
+    p.add_argument("--out", help="write <out>/<name>.<format> (and figures) instead of stdout")
+    p.add_argument("--plots", action="store_true", help="also write PNG and SVG figures")
+    p.add_argument(
+        "--via",
+        default="auto",
+        choices=["auto", "sql", "client"],
+        help="read the store's tables (sql) or page through MlflowClient.search_runs (client)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    from analysis.contract import AnalysisError
+
+    try:
+        code = run(args)
+    except AnalysisError as e:
+        fail(str(e))
+    sys.exit(code)
+
+
+def run(args: argparse.Namespace) -> int:
+    from analysis.contract import AnalysisError, logical_metric_name
+    from analysis.export import check_formats, render, write
+    from analysis.load import load_runs
+
+    if bool(args.sweep) == bool(args.experiment):
+        known = _known_sweeps(args.sweeps_dir)
+        raise AnalysisError(f"give a sweep name or --experiment NAME, one of them ({known})")
+    formats = check_formats([f.strip() for f in args.format.split(",") if f.strip()])
+    name = args.sweep or args.experiment
+    uri, sweep_dir = _store(args)
+    try:
+        runs = load_runs(name, uri, args.filter, via=args.via)
+    except AnalysisError as e:
+        if args.sweep and sweep_dir is None and str(e).startswith("no "):
+            raise AnalysisError(f"no sweep {name!r}: {_known_sweeps(args.sweeps_dir)}; {e}") from e
+        raise
+    if runs.empty:
+        where = f" match filter {args.filter!r}" if args.filter else ""
+        raise AnalysisError(f"no runs in experiment {name!r}{where} ({uri})")
+
+    from analysis.tables import comparison_table
+
+    baseline = None if args.baseline.lower() == "none" else args.baseline
+    axes = [a.strip() for a in args.axes.split(",")] if args.axes else None
+    table = comparison_table(runs, logical_metric_name(args.metric), baseline, axes=axes)
+    if args.out:
+        for path in write(table, formats, Path(args.out), stem=name):
+            print(path, file=sys.stderr)
+    else:
+        print("\n".join(render(table, fmt) for fmt in formats), end="")
+    if args.plots:
+        out = Path(args.out) if args.out else None
+        out = out or (sweep_dir / "figures" if sweep_dir else Path(f"{name}-figures"))
+        for path in _plots(table, runs, uri, out, args.via):
+            print(path, file=sys.stderr)
+    return 0
+
+
+def _store(args) -> tuple[str, Path | None]:
+    """The tracking URI, and the sweep directory when the sweep's manifest was found."""
+    sweep_dir = Path(args.sweeps_dir) / args.sweep if args.sweep else None
+    manifest = sweep_dir / "manifest.json" if sweep_dir else None
+    if manifest is None or not manifest.is_file():
+        sweep_dir = None
+    if args.tracking_uri:
+        return args.tracking_uri, sweep_dir
+    if sweep_dir is not None:
+        return json.loads(manifest.read_text())["tracking_uri"], sweep_dir
+    from analysis.load import default_tracking_uri
+
+    return default_tracking_uri(), None
+
+
+def _known_sweeps(sweeps_dir: str) -> str:
+    root = Path(sweeps_dir)
+    known = sorted(p.parent.name for p in root.glob("*/manifest.json"))
+    return f"sweeps in {root}{os.sep}: {', '.join(known) or 'none'}"
+
+
+def _plots(table, runs, uri: str, out: Path, via: str) -> list[Path]:
+    from analysis.contract import FINISHED, HEADLINE_METRIC
+    from analysis.load import load_history
+    from analysis.plots import plot_all
+
+    metric = table.attrs["metric"]
+    curve = metric if metric.startswith("val/") else HEADLINE_METRIC
+    kind = runs["kind"].fillna("single") if "kind" in runs else None
+    chosen = runs if kind is None else runs[kind == table.attrs["replicates"]]
+    if "status" in chosen:
+        chosen = chosen[chosen["status"].fillna(FINISHED) == FINISHED]
+    history = load_history(chosen["run_id"].tolist(), curve, uri, via=via)
+    axes = [a for a in table.attrs["axes"] if a in runs]
+    history = history.merge(runs[["run_id", *axes]], on="run_id", how="left")
+    history.attrs["metric"] = curve
+    return plot_all(table, out, history)
