@@ -52,8 +52,9 @@ def make_plan(overrides: list[str]) -> Plan:
     axes = [o for o in overrides if is_axis(o)]
     base = [o for o in overrides if o not in axes]
     cfg = sweep_config(base)
-    if not axes:
-        axes = [f"{k}={v}" for k, v in cfg.sweep.grid.items()]
+    if not axes:  # the default grid, less the keys the command line pins to one value
+        pinned = {o.split("=", 1)[0].lstrip("+~") for o in base}
+        axes = [f"{k}={v}" for k, v in cfg.sweep.grid.items() if k not in pinned]
     axis_keys = [a.split("=", 1)[0].lstrip("+") for a in axes]
     for key in axis_keys:
         if key in ("seed",):
@@ -76,7 +77,8 @@ def make_plan(overrides: list[str]) -> Plan:
         )
 
     cells = []
-    for point in expand_grid(axes):
+    points = list(dict.fromkeys(tuple(p) for p in expand_grid(axes)))  # `a,a` is one cell
+    for point in map(list, points):
         run_cfg = validate(to_run_config(compose([*base, *point], "sweep")))
         space = {**s.params, **s.per_norm.get(run_cfg.norm.name, {})}
         for key in space:
@@ -90,7 +92,7 @@ def make_plan(overrides: list[str]) -> Plan:
         cells.append({"name": name or "all", "overrides": point, "space": space})
     return Plan(
         sweep=cfg.sweep.name,
-        sweep_dir=Path(cfg.sweep.dir) / cfg.sweep.name,
+        sweep_dir=(Path(cfg.sweep.dir) / cfg.sweep.name).resolve(),
         base_overrides=base,
         cells=cells,
         search=asdict(s),
