@@ -13,6 +13,7 @@ Torch-free: the sweep driver parses and validates spaces on a login node.
 """
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -74,12 +75,22 @@ def parse_space(space: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def override_value(value: Any) -> str:
-    """A sampled value as a Hydra override value (repr keeps floats exact, strings quoted)."""
+    """A value as a Hydra override value that arrives verbatim: repr keeps floats exact; strings
+    are single-quoted. In Hydra's quoted strings only a quote and the backslashes right before a
+    quote (or the end) are escapes, so only those are doubled; `${` is escaped so OmegaConf never
+    resolves an interpolation (e.g. `${oc.env:...}`) smuggled in through a value."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, str):
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        value = value.replace("${", "\\${")
+        body = re.sub(r"(\\*)('|$)", _escape_before_quote, value)
+        return "'" + body + "'"
     return repr(value)
+
+
+def _escape_before_quote(m: re.Match) -> str:
+    """Backslashes before a quote or the end are doubled; the quote itself is escaped."""
+    return m.group(1) * 2 + ("\\'" if m.group(2) else "")
 
 
 # ---- studies, budgets and the worker loop ---------------------------------------------------
@@ -189,7 +200,8 @@ def reap_dead_trials(study, grace_s: float = GRACE_S) -> int:
     now, host, reaped = time.time(), socket.gethostname(), 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = t.user_attrs
-        stamp = t.system_attrs.get("heartbeat", t.datetime_start.timestamp())
+        # a trial resumed after preemption keeps its old stamp: its new start is the later one
+        stamp = max(t.system_attrs.get("heartbeat", 0.0), t.datetime_start.timestamp())
         dead = now - stamp > grace_s
         if attrs.get("host") == host and attrs.get("pid"):
             try:
@@ -256,8 +268,8 @@ def trial_overrides(manifest: dict, cell: dict, params: Mapping[str, Any], seed:
         *cell["overrides"],
         *(f"{k}={override_value(v)}" for k, v in params.items()),
         f"seed={seed}",
-        f"tracking.uri={manifest['tracking_uri']}",
-        f"tracking.experiment={manifest['sweep']}",
+        f"tracking.uri={override_value(manifest['tracking_uri'])}",
+        f"tracking.experiment={override_value(manifest['sweep'])}",
     ]
 
 
@@ -292,9 +304,10 @@ class Worker:
             study = self.study(search_name)
             reap_dead_trials(study)
             s = budget_state(study, self.search["n_trials"])
-            if s["left"] > best_left:
-                best, best_left = (cell, "search"), s["left"]
-            if s["left"] <= 0 and (s["running"] or s["waiting"]):
+            free = s["left"] + s["waiting"]  # waiting: retries and preempted trials to resume
+            if free > best_left:
+                best, best_left = (cell, "search"), free
+            if free <= 0 and s["running"]:
                 pending = True
         if best is not None:
             return best
@@ -304,8 +317,8 @@ class Worker:
             confirm = self.study(confirm_name, confirm=True)
             reap_dead_trials(confirm)
             c = budget_state(confirm, self.search["confirm_seeds"])
-            if c["left"] <= 0:
-                pending |= bool(c["running"] or c["waiting"])
+            if c["left"] + c["waiting"] <= 0:
+                pending |= bool(c["running"])
                 continue
             if s["running"] or s["waiting"]:
                 pending = True  # the best trial of this cell is not known yet
@@ -349,7 +362,8 @@ class Worker:
         store = study._storage
         earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
         retry_of = trial.user_attrs.get("retry_of")
-        if retry_of is None and sum(counted(t) for t in earlier) >= budget:
+        preempted = trial.user_attrs.get("preempted", 0)
+        if retry_of is None and not preempted and sum(counted(t) for t in earlier) >= budget:
             store.set_trial_user_attr(trial._trial_id, "surplus", True)
             study.tell(trial, state=TrialState.FAIL)
             return False
@@ -414,13 +428,13 @@ class Worker:
                     on_eval=report,
                 )
         except Preempted as e:
-            # Checkpoint written: fail this attempt and queue a retry that resumes from it.
-            store.set_trial_user_attr(trial._trial_id, "retried", True)
+            # Checkpoint written. Hand the *same* trial (number, params, run dir, MLflow run id in
+            # the checkpoint) back as WAITING: the requeued job, or any worker, asks it again and
+            # resumes from the checkpoint. It never counts twice against the budget.
+            store.set_trial_user_attr(trial._trial_id, "preempted", preempted + 1)
             store.set_trial_user_attr(trial._trial_id, "status_reason", str(e))
-            study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(
-                params, user_attrs={"retry_of": trial.number, "run_dir": run_dir, "seed": seed}
-            )
+            store.set_trial_user_attr(trial._trial_id, "pid", None)
+            store.set_trial_state_values(trial._trial_id, TrialState.WAITING)
             raise
         except Exception as e:
             store.set_trial_user_attr(trial._trial_id, "status", "failed")
