@@ -92,6 +92,7 @@ class TrainConfig:
     out_dir: str = "runs"  # checkpoints live in <out_dir>/<run key>/
     resume: bool = True  # continue from a checkpoint of the same config when one exists
     diverge_loss: float = 0.0  # stop as diverged when train loss exceeds this; 0 = 2 * ln(vocab)
+    fault: str | None = None  # tests only: raise@STEP / oom@STEP make optimizer step STEP fail
 
 
 @dataclass
@@ -166,9 +167,21 @@ def to_run_config(cfg: Any) -> RunConfig:
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(cfg, resolve=True)
-    known = {k: v for k, v in data.items() if k in RunConfig.__dataclass_fields__}
+    known = {k: _literal(v) for k, v in data.items() if k in RunConfig.__dataclass_fields__}
     merged = OmegaConf.merge(OmegaConf.structured(RunConfig), known)
     return OmegaConf.to_object(merged)
+
+
+def _literal(value: Any) -> Any:
+    """Resolved values, escaped so the second pass through OmegaConf keeps a `${...}` that came
+    from a value (e.g. a quoted override) as text instead of resolving it."""
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_literal(v) for v in value]
+    return value
 
 
 def _positive(key: str, value: float) -> None:
@@ -242,6 +255,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError("train.device", device, "valid choices: auto, cpu, cuda, cuda:N")
+    kind, _, at = (cfg.train.fault or "raise@1").partition("@")
+    if kind not in ("raise", "oom") or not at.isdigit() or int(at) < 1:
+        raise ConfigError("train.fault", cfg.train.fault, "valid forms: null, raise@STEP, oom@STEP")
     for sw in cfg.eval.bln_switches:
         if sw != "all" and (len(sw) != 4 or set(sw) - {"T", "F"}):
             raise ConfigError(
