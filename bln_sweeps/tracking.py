@@ -273,6 +273,17 @@ def _git(*args: str) -> str | None:
 
 @lru_cache(maxsize=1)  # the code in memory does not change while the process runs
 def _git_tags() -> dict[str, str]:
+    # A sweep job runs a snapshot of the code taken at submit (launchers/snapshot.py), which
+    # records the SHA of the checkout it came from.
+    snapshot = Path(__file__).resolve().parents[1]
+    version = snapshot / "CODE_VERSION.json"
+    if version.exists():
+        facts = json.loads(version.read_text())
+        return {
+            "git.sha": facts.get("git.sha", "unknown"),
+            "git.dirty": facts.get("git.dirty", "unknown"),
+            "code.snapshot": str(snapshot),
+        }
     # A package installed into a venv that sits inside some checkout is not that checkout's
     # code: require the package's own files to be tracked.
     if not _git("ls-files", "--error-unmatch", "__init__.py"):
