@@ -152,6 +152,15 @@ def follow(sweep_dir: Path, jobs: list, poll_s: float = 2.0) -> bool:
         time.sleep(poll_s)
 
 
+def reattached(sweep_dir: Path, recorded: list[dict]) -> list:
+    """Handles for this sweep's SLURM workers that are still pending or running."""
+    if not any(j.get("launcher") == "slurm" for j in recorded):
+        return []
+    from launchers.manifest import live_jobs, reattach
+
+    return reattach(sweep_dir, live_jobs(recorded))
+
+
 def release(jobs: list) -> None:
     """Drop submitit's job handles now: their finalizers fail at interpreter shutdown."""
     import gc
@@ -188,7 +197,7 @@ def run_sweep(argv: list[str]) -> int:
 
     try:
         plan = make_plan(overrides)
-        check_launcher(plan.launcher)
+        check_launcher(plan.launcher, plan.sweep_dir)
         check_storage(plan.storage_url)
         if "--dry-run" in flags:
             print_plan(plan)
@@ -199,12 +208,22 @@ def run_sweep(argv: list[str]) -> int:
     command = " ".join(["bln-sweep", *argv])
     manifest = prepare(plan, command)
     print_plan(plan)
-    jobs = submit_workers(plan.sweep_dir, plan.launcher, first_id=len(manifest["jobs"]))
-    manifest["jobs"] += [
-        {"job_id": str(j.job_id), "launcher": plan.launcher["name"], "submitted": time.time()}
-        for j in jobs
-    ]
-    write_manifest(plan.sweep_dir, manifest)
+    jobs = reattached(plan.sweep_dir, manifest["jobs"])
+    if jobs:  # the same command again while its workers still queue: follow them, no duplicates
+        print(f"reattached to {len(jobs)} worker job(s) still in the queue")
+    else:
+        first = len(manifest["jobs"])
+        jobs = submit_workers(plan.sweep_dir, plan.launcher, first_id=first)
+        manifest["jobs"] += [
+            {
+                "job_id": str(j.job_id),
+                "launcher": plan.launcher["name"],
+                "worker": first + i,
+                "submitted": time.time(),
+            }
+            for i, j in enumerate(jobs)
+        ]
+        write_manifest(plan.sweep_dir, manifest)
     if "--detach" in flags:
         print(f"submitted {len(jobs)} worker(s); follow with: bln-sweep status {plan.sweep}")
         release(jobs)
@@ -244,4 +263,8 @@ def status(argv: list[str]) -> int:
 
 def main() -> None:
     argv = sys.argv[1:]
+    if argv[:1] == ["ui"]:  # bln-sweep ui NAME [--port P] [--host H]
+        from launchers.ui import run as ui
+
+        sys.exit(ui(argv[1:]))
     sys.exit(status(argv[1:]) if argv[:1] == ["status"] else run_sweep(argv))

@@ -34,3 +34,26 @@ def make_cfg(tmp_path, mlflow_uri):
         return validate(to_run_config(compose([*base, *overrides])))
 
     return make
+
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh database on the machine's PostgreSQL (CI runs one at 127.0.0.1:5432), dropped
+    afterwards. Skips when no server answers: a user's machine may not run one."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")  # what SQLAlchemy's postgresql:// uses
+    try:
+        admin = psycopg.connect(PG_ADMIN, connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN}: {str(e).strip()}")
+    name = f"bln_test_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    with admin.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()

@@ -212,6 +212,7 @@ def test_sweep_end_to_end_with_local_workers(tmp_path):
 def test_pruning_stops_hopeless_trials(tmp_path):
     p = bln_sweep(
         "norm=layernorm",
+        "sweep.grid={batch: b4}",  # one cell
         "sweep.name=prune",
         "search.n_trials=6",
         "search.confirm_seeds=0",
@@ -223,7 +224,7 @@ def test_pruning_stops_hopeless_trials(tmp_path):
         cwd=tmp_path,
     )
     assert p.returncode == 0, p.stdout + p.stderr
-    cell = sweep_facts(tmp_path / "sweeps" / "prune")["cells"]["norm=layernorm"]
+    cell = sweep_facts(tmp_path / "sweeps" / "prune")["cells"]["batch=b4"]
     states = [t.state.name for t in cell["search"]]
     assert states.count("PRUNED") >= 1 and len(states) == 6
     pruned = [t for t in cell["search"] if t.state.name == "PRUNED"]
@@ -236,18 +237,17 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path):
     import signal
     import time
 
-    import optuna
-
     args = [
-        "norm=layernorm,rmsnorm",
+        "norm=layernorm",
+        "sweep.grid={batch: b4}",  # one cell
         "sweep.name=kill",
         "search.n_trials=2",
         "search.confirm_seeds=1",
         "launcher.workers=1",
         "search.pruner=none",
-        *FAST,
-        "train.steps=40",
-        "train.checkpoint_interval=4",
+        *[o for o in FAST if o.split("=")[0] not in ("train.steps", "train.eval_interval")],
+        "train.steps=150",  # long enough (seconds) to be caught between checkpoints
+        "train.eval_interval=50",
     ]
     p = bln_sweep(*args, "--detach", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -259,12 +259,12 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path):
     victim = None
     deadline = time.time() + 300
     while victim is None and time.time() < deadline:  # a trial that has checkpointed
-        for s in optuna.get_all_study_names(storage):
-            for t in optuna.load_study(study_name=s, storage=storage).get_trials():
+        for study in storage.get_all_studies():
+            for t in storage.get_all_trials(study._study_id, deepcopy=False):
                 ckpt = Path(t.user_attrs.get("run_dir", "/nonexistent")) / "ckpt.pt"
                 if t.state.name == "RUNNING" and ckpt.exists():
                     victim = t
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert victim is not None
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)  # the worker dies mid-trial
     p = bln_sweep(*args, cwd=tmp_path)  # the same command again
@@ -281,3 +281,71 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path):
     # the retry resumed the dead trial's MLflow run from its checkpoint
     run = next(r for r in facts["runs"] if r.info.run_id == retried[0].user_attrs["mlflow_run_id"])
     assert int(run.data.tags["resumed_from_step"]) >= 4
+
+
+def test_jobs_run_the_code_snapshot_taken_at_submit(tmp_path):
+    """Edits to the checkout after submit never reach queued jobs: a job started with
+    `job_env` imports the snapshot even from the checkout's own directory, and its runs carry
+    the checkout's SHA."""
+    import json
+    import os
+
+    from launchers import snapshot
+
+    snap = snapshot.take(tmp_path)
+    assert snap.parent == tmp_path.resolve() / "code"
+    assert {p.name for p in snap.iterdir()} >= {"bln_sweeps", "launchers", "analysis", "conf"}
+    version = json.loads((snap / "CODE_VERSION.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert version["git.sha"] == head.stdout.strip()
+    # an "edit" that exists only in the snapshot: the job must see it, i.e. import the snapshot
+    (snap / "bln_sweeps" / "marker.py").write_text("WHERE = 'snapshot'\n")
+    probe = (
+        "import bln_sweeps, bln_sweeps.marker as m; from bln_sweeps.tracking import _git_tags;"
+        "from bln_sweeps.config import CONF_DIR; import json;"
+        "print(json.dumps([bln_sweeps.__file__, m.WHERE, str(CONF_DIR), _git_tags()]))"
+    )
+    env = {**os.environ, **snapshot.job_env(snap)}
+    root = snapshot.source_root()
+    # from the checkout itself, where `-c`/`-m` would otherwise put the live tree first
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True)
+    assert out.returncode == 0, out.stderr
+    where, marker, conf, tags = json.loads(out.stdout)
+    assert where.startswith(str(snap)) and marker == "snapshot"
+    assert conf == str(snap / "conf")
+    assert tags["code.snapshot"] == str(snap) and tags["git.sha"] == version["git.sha"]
+
+
+@pytest.mark.slow
+def test_sweep_on_postgresql_storage(tmp_path, postgres_url):
+    """storage=postgres: the studies live in a real PostgreSQL, two workers share them."""
+    import psycopg
+
+    p = bln_sweep(
+        "norm=layernorm,rmsnorm",
+        "sweep.name=pg",
+        "search.n_trials=2",
+        "search.confirm_seeds=1",
+        "launcher.workers=2",
+        "storage=postgres",
+        f"storage.url={postgres_url}",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    facts = sweep_facts(tmp_path / "sweeps" / "pg")
+    assert_complete(facts, n_trials=2, confirm_seeds=1)
+    assert not (tmp_path / "sweeps" / "pg" / "optuna.journal").exists()
+    with psycopg.connect(postgres_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT study_name FROM studies ORDER BY study_name")
+        names = [r[0] for r in cur.fetchall()]
+        cur.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'")
+        (complete,) = cur.fetchone()
+    assert names == [
+        "pg/norm=layernorm",
+        "pg/norm=layernorm/confirm",
+        "pg/norm=rmsnorm",
+        "pg/norm=rmsnorm/confirm",
+    ]
+    assert complete == 2 * (2 + 1)
