@@ -78,8 +78,13 @@ def submit_workers(sweep_dir: Path, launcher: dict[str, Any], first_id: int = 0)
 
         return slurm.submit(sweep_dir, launcher, first_id, env=env)
     gpus = gpu_assignment(n, launcher["gpus_per_worker"], visible_gpus())
+    # N workers on one machine: each gets its share of the cores, or torch's default (every
+    # core per process) oversubscribes them and every worker slows down.
+    threads = str(launcher["cpus_per_worker"])
+    env = {**env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     jobs = []
-    with environment(env):  # local jobs inherit this process's environment at submit
+    # local jobs inherit this process's environment, file descriptors and signal dispositions
+    with environment(env), detached():
         for i, worker_gpus in enumerate(gpus):
             ex = submitit.LocalExecutor(folder=folder)
             ex.update_parameters(
@@ -91,6 +96,32 @@ def submit_workers(sweep_dir: Path, launcher: dict[str, Any], first_id: int = 0)
             job._cancel_at_deletion = False  # workers outlive a detached or killed driver
             jobs.append(job)
     return jobs
+
+
+@contextmanager
+def detached() -> Iterator[None]:
+    """Spawn local workers that outlive this driver's terminal: stdin/stdout/stderr on
+    /dev/null (an inherited pipe would keep a caller reading the driver's output waiting until
+    every worker ends, and a closed terminal would break their writes), and SIGHUP ignored (an
+    SSH disconnect hangs up the driver's process group). Workers log to their job folders."""
+    import signal
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    null = os.open(os.devnull, os.O_RDWR)
+    hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        yield
+    finally:
+        for fd, copy in zip((0, 1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(null)
+        signal.signal(signal.SIGHUP, hup)
 
 
 @contextmanager
