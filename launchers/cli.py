@@ -111,6 +111,9 @@ def prepare(plan: Plan, command: str) -> dict:
             )
             run_id = logger.run_id
         cells.append({**cell, "mlflow_run_id": run_id})
+    from launchers.ui import prepare_experiment
+
+    prepare_experiment(uri, plan.sweep, plan.search["metric"])  # the UI's saved "bln sweep" view
     manifest = {
         "sweep": plan.sweep,
         "command": command,
@@ -242,7 +245,7 @@ def run_sweep(argv: list[str]) -> int:
         print("workers stopped before the budget was spent; rerun the same command to resume")
         return 1
     ranked_table(manifest)
-    print(f"browse: mlflow ui --backend-store-uri {manifest['tracking_uri']}")
+    print(f"browse the runs: bln-sweep ui {manifest['sweep']}")
     return 0
 
 
