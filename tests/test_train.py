@@ -1,6 +1,5 @@
 """bln-train end to end on the tiny model: MLflow contents, exact resume, divergence, bad input."""
 
-import itertools
 import math
 import os
 import signal
@@ -187,9 +186,14 @@ def test_cli_multirun_grid(tmp_path):
 
 @pytest.mark.slow
 def test_every_norm_batch_seq_combination_trains(make_cfg):
-    """The whole config space of the tiny model on CPU: one optimizer step and an eval each."""
+    """Every norm with every batch size (at the shortest sequence) and with every sequence
+    length (at b2) on the tiny model: one optimizer step and an eval each. The full product
+    adds nothing but minutes: no code path depends on batch size and length together."""
     norms, batches, seqs = group_options("norm"), group_options("batch"), group_options("seq")
-    for norm, batch, seq in itertools.product(norms, batches, seqs):
+    shortest = min(seqs, key=lambda s: int(s[1:]))
+    combos = {(n, b, shortest) for n in norms for b in batches}
+    combos |= {(n, "b2", s) for n in norms for s in seqs}
+    for norm, batch, seq in sorted(combos):
         cfg = make_cfg(
             f"norm={norm}",
             f"batch={batch}",
