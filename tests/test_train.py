@@ -184,6 +184,29 @@ def test_cli_multirun_grid(tmp_path):
     ]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_full_norm_batch_seq_product_trains_on_gpu(make_cfg):
+    """All 7 x 7 x 6 combinations. On CPU the long-and-wide corner alone (b64 x s4096, 262k
+    tokens per micro-batch) takes over a minute per norm, so CI runs the two slices below."""
+    for norm in group_options("norm"):
+        for batch in group_options("batch"):
+            for seq in group_options("seq"):
+                cfg = make_cfg(
+                    f"norm={norm}",
+                    f"batch={batch}",
+                    f"seq={seq}",
+                    "train.steps=1",
+                    "train.eval_interval=1",
+                    "train.eval_batches=1",
+                    "data.n_train_tokens=300000",
+                    tracking=False,
+                )
+                result = run(cfg)
+                assert result["status"] == "finished", cfg
+                assert math.isfinite(result["val/loss"]), cfg
+
+
 @pytest.mark.slow
 def test_every_norm_batch_seq_combination_trains(make_cfg):
     """Every norm with every batch size (at the shortest sequence) and with every sequence
