@@ -17,8 +17,6 @@ maximum), and the fluent mlflow.search_runs (pandas output).
 
 import argparse
 import math
-import os
-import platform
 import random
 import sqlite3
 import subprocess
@@ -27,6 +25,8 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -268,27 +268,13 @@ def generate(db: Path, n_runs: int, exp_id: int, seed: int = 0) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem = next(
-            int(x.split()[1])
-            for x in Path("/proc/meminfo").read_text().splitlines()
-            if x.startswith("MemTotal")
-        )
-        mem_gib = f"{mem / 2**20:.0f} GiB RAM"
-    except (OSError, StopIteration):
-        mem_gib = "RAM unknown"
     import mlflow
     import pandas
 
-    return (
-        f"{cpu}, {os.cpu_count()} cores, {mem_gib}; {platform.system()} {platform.release()}; "
-        f"Python {platform.python_version()}, mlflow {mlflow.__version__}, pandas "
-        f"{pandas.__version__}, SQLite {sqlite3.sqlite_version}"
+    return describe(
+        f"mlflow {mlflow.__version__}",
+        f"pandas {pandas.__version__}",
+        f"SQLite {sqlite3.sqlite_version}",
     )
 
 

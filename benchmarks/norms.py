@@ -12,13 +12,12 @@ CPU time with one thread, which other processes on a shared machine disturb much
 """
 
 import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from machine import describe
 
 from bln_sweeps.norms import build_norm
 
@@ -73,18 +72,7 @@ def measure(repeats: int, clock=time.perf_counter) -> dict[str, float]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
-    )
+    return describe(f"torch {torch.__version__}", f"{torch.get_num_threads()} threads")
 
 
 def table(wall: dict[str, float], cpu: dict[str, float], threads: int, repeats: int) -> str:

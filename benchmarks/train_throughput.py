@@ -11,13 +11,13 @@ shared and absolute times drift; the ratios are the result.
 """
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import describe
 
 from bln_sweeps.model import GPT, GPTConfig
 
@@ -133,20 +133,7 @@ def tracking_overhead(repeats: int, steps: int) -> dict[str, float]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
-    )
+    return describe(f"torch {torch.__version__}", f"{torch.get_num_threads()} threads")
 
 
 def main() -> None:

@@ -41,8 +41,12 @@ def cell_rows(sweep_dir: Path) -> list[dict]:
 
 def render(rows: list[dict]) -> str:
     cols = ["cell", "trials", "running", "complete", "pruned", "failed", "best", "confirm"]
-    cells = [[r[c] if c != "best" else f"{r[c]:.4f}" for c in cols] for r in rows]
+    cells = [[r[c] if c != "best" else _value(r[c]) for c in cols] for r in rows]
     widths = [max(len(str(x)) for x in [c, *(row[i] for row in cells)]) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
     body = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join([line, *body])
+
+
+def _value(v: float) -> str:
+    return "—" if math.isnan(v) else f"{v:.4f}"
