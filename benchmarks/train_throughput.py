@@ -42,8 +42,11 @@ def hf_model() -> torch.nn.Module:
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         activation_function="gelu_new",  # GPT-2's tanh GELU, as ours
+        bos_token_id=0,
+        eos_token_id=0,
     )
-    return GPT2LMHeadModel(cfg, attn_implementation="sdpa")
+    cfg._attn_implementation = "sdpa"  # the same attention kernel as ours
+    return GPT2LMHeadModel(cfg)
 
 
 def step_fn(model: torch.nn.Module, hf: bool):
