@@ -322,6 +322,8 @@ def compose(overrides: list[str], config_name: str = "train") -> Any:
     register_configs()
     for ov in overrides:  # an unknown group option is clearest when caught before Hydra's message
         key, _, value = ov.partition("=")
+        if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]  # a quoted option name, as searched values are passed
         if key in ALL_GROUPS and value and "," not in value and "(" not in value:
             if value not in group_options(key):
                 raise ConfigError(key, value, f"valid choices: {', '.join(group_options(key))}")

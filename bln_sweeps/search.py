@@ -282,6 +282,7 @@ class Worker:
         self.storage = open_storage(self.manifest["storage_url"], self.sweep_dir)
         self.search = self.manifest["search"]
         self._studies: dict[str, Any] = {}
+        self._composed: dict[tuple[str, int], Any] = {}  # (cell, seed) -> composed tree
 
     def study(self, name: str, confirm: bool = False):
         import optuna
@@ -294,6 +295,38 @@ class Worker:
                 pruner=optuna.pruners.NopPruner() if confirm else make_pruner(self.search),
             )
         return self._studies[name]
+
+    def trial_config(self, cell: dict, params: Mapping[str, Any], seed: int):
+        """The validated RunConfig of one trial: what composing `trial_overrides(...)` gives.
+
+        Hydra composes a cell once per seed (a compose costs a good part of a second) and the
+        sampled values are set on a copy, as their overrides would set them. A searched key
+        that is not a plain value of the composed tree (a config group such as `batch`) takes
+        the full compose."""
+        import copy
+
+        from omegaconf import OmegaConf
+
+        from bln_sweeps.config import ALL_GROUPS, compose, to_run_config, validate
+
+        def leaf(tree, key: str) -> bool:
+            value = OmegaConf.select(tree, key, default=KeyError)
+            return (
+                key not in ALL_GROUPS and value is not KeyError and not OmegaConf.is_config(value)
+            )
+
+        key = (cell["name"], seed)
+        if key not in self._composed:
+            overrides = trial_overrides(self.manifest, cell, {}, seed)
+            self._composed[key] = compose(overrides, "sweep")
+        base = self._composed[key]
+        if all(leaf(base, k) for k in params):
+            tree = copy.deepcopy(base)
+            for k, v in params.items():
+                OmegaConf.update(tree, k, v, merge=False)
+        else:
+            tree = compose(trial_overrides(self.manifest, cell, params, seed), "sweep")
+        return validate(to_run_config(tree))
 
     def next_job(self) -> tuple[dict, str] | None | str:
         """(cell, "search" | "confirm"), "wait" while others finish what a job needs, or None."""
@@ -391,12 +424,9 @@ class Worker:
             store.set_trial_user_attr(trial._trial_id, k, v)
 
         from bln_sweeps.checkpoint import Preempted
-        from bln_sweeps.config import compose, to_run_config, validate
         from bln_sweeps.train import run
 
-        cfg = validate(
-            to_run_config(compose(trial_overrides(self.manifest, cell, params, seed), "sweep"))
-        )
+        cfg = self.trial_config(cell, params, seed)
         label = f"confirm seed {seed}" if confirm else f"trial {trial.number}"
         cfg.tracking.run_name = f"{cfg.norm.name} · b{cfg.batch.size} · s{cfg.seq.len} · {label}"
         metric = self.search["metric"]

@@ -59,7 +59,7 @@ def test_plan_cells_are_the_grid_product():
         "norm=layernorm,batch=b4",
         "norm=layernorm,batch=b16",
     ]
-    assert len(plan.cells) == 6 and plan.trial_budget == 6 * (6 + 3)
+    assert len(plan.cells) == 6 and plan.trial_budget == 6 * (5 + 3)  # conf/sweep.yaml
 
 
 @pytest.mark.parametrize(
@@ -349,3 +349,33 @@ def test_sweep_on_postgresql_storage(tmp_path, postgres_url):
         "pg/norm=rmsnorm/confirm",
     ]
     assert complete == 2 * (2 + 1)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"optim.lr": 0.00123, "optim.weight_decay": 0.05},
+        {"norm.options.warmup_steps": 7, "train.eval_batches": 3},  # an option of one norm
+        {"batch": "b16", "optim.lr": 0.002},  # a config group: the full compose
+    ],
+)
+def test_trial_config_equals_composing_the_trial_overrides(tmp_path, params):
+    """Workers compose a cell once and set sampled values on a copy: the result must be exactly
+    what Hydra composes from the trial's overrides."""
+    from bln_sweeps.config import compose, to_run_config, validate
+    from bln_sweeps.search import Worker, trial_overrides
+
+    manifest = {
+        "sweep": "eq",
+        "base_overrides": ["norm=powernorm", *FAST],
+        "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "storage_url": None,
+        "search": {},
+        "cells": [{"name": "batch=b4", "overrides": ["batch=b4"]}],
+    }
+    (tmp_path / "manifest.json").write_text(__import__("json").dumps(manifest))
+    worker = Worker(tmp_path)
+    cell = manifest["cells"][0]
+    expected = validate(to_run_config(compose(trial_overrides(manifest, cell, params, 3), "sweep")))
+    assert worker.trial_config(cell, params, 3) == expected
+    assert worker.trial_config(cell, {}, 3) != expected  # the cached tree was not modified
