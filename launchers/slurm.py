@@ -291,9 +291,18 @@ def check(launcher: dict[str, Any], sweep_dir: Path | None = None) -> dict:
     return params
 
 
-def sbatch_script(launcher: dict[str, Any], folder: Path, sweep: str, python: str) -> str:
+def with_env(params: dict, env: dict[str, str] | None) -> dict:
+    """`env` exported in the batch script before the user's setup lines."""
+    exports = [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
+    return {**params, "setup": exports + list(params.get("setup") or [])} if exports else params
+
+
+def sbatch_script(
+    launcher: dict[str, Any], folder: Path, sweep: str, python: str, env: dict | None = None
+) -> str:
     """The sbatch script submitit writes for a sweep's job array (golden tests, --dry-run)."""
     params, ctor = settings(launcher, sweep)
+    params = with_env(params, env)
     python = ctor.get("python", shlex.quote(python))  # a `python` setting is a shell command
     command = f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     return submitit.slurm.slurm._make_sbatch_string(
@@ -309,8 +318,7 @@ def submit(
     sweep_dir = Path(sweep_dir).resolve()
     check_sweep_dir(sweep_dir)
     params, ctor = settings(launcher, sweep_dir.name)
-    exports = [f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()]
-    params["setup"] = exports + list(params.get("setup") or [])
+    params = with_env(params, env)
     ex = submitit.AutoExecutor(
         folder=sweep_dir / "jobs" / "%j",
         cluster="slurm",

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bln_sweeps.config import ConfigError
-from launchers import slurm
+from launchers import slurm, snapshot
 from launchers.submit import gpu_assignment, visible_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -430,7 +430,12 @@ def test_sweep_runs_as_one_job_array(slurm_cluster, tmp_path, cancel_leftovers):
     (script,) = sweep_dir.rglob("*_submission.sh")
     m = json.loads((sweep_dir / "manifest.json").read_text())
     folder = sweep_dir.resolve() / "jobs" / "%j"
-    assert script.read_text() == slurm.sbatch_script(m["launcher"], folder, name, sys.executable)
+    (code,) = (sweep_dir / "code").iterdir()  # the frozen-code snapshot the jobs import
+    env = snapshot.job_env(code)
+    assert f"export PYTHONPATH={shlex.quote(str(code))}" in script.read_text()
+    assert script.read_text() == slurm.sbatch_script(
+        m["launcher"], folder, name, sys.executable, env
+    )
     # values with shell syntax: verbatim in every run's config, nothing executed
     runs = [r for r in facts["runs"] if r.data.tags.get("kind") in ("trial", "confirm")]
     assert runs and all(r.data.params["data.path"] == EVIL for r in runs)
