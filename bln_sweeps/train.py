@@ -147,6 +147,17 @@ def plot_losses(history: dict[str, list], path: Path) -> None:
     plt.close(fig)
 
 
+def inject_fault(fault: str | None, step: int) -> None:
+    """Tests only (`train.fault`): `raise@N` raises RuntimeError and `oom@N` raises
+    torch.OutOfMemoryError (what CUDA raises) as optimizer step N starts, before its forward."""
+    kind, _, at = (fault or "").partition("@")
+    if fault is None or int(at) != step:
+        return
+    if kind == "oom":
+        raise torch.OutOfMemoryError(f"injected by train.fault={fault}")
+    raise RuntimeError(f"injected by train.fault={fault}")
+
+
 def run(
     cfg: RunConfig,
     *,
@@ -269,6 +280,7 @@ def run(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 model.train()
+                inject_fault(cfg.train.fault, step + 1)
                 loss_sum = 0.0
                 for _ in range(accum):
                     x, y = sampler.next_batch()
