@@ -121,7 +121,13 @@ def _store(args) -> tuple[str, Path | None]:
     if manifest is None or not manifest.is_file():
         sweep_dir = None
     if args.tracking_uri:
-        return args.tracking_uri, sweep_dir
+        from analysis.contract import AnalysisError
+        from bln_sweeps.tracking import resolve_tracking_uri
+
+        try:  # the same rules every writer of a store follows
+            return resolve_tracking_uri(args.tracking_uri, Path.cwd()), sweep_dir
+        except ValueError as e:
+            raise AnalysisError(f"--tracking-uri: {e}") from None
     if sweep_dir is not None:
         return json.loads(manifest.read_text())["tracking_uri"], sweep_dir
     from analysis.load import default_tracking_uri

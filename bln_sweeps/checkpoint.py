@@ -7,6 +7,7 @@ behind the loss-curve plot. Writes are atomic (temp file + fsync + rename), so a
 disk during a save leaves the previous checkpoint intact.
 """
 
+import io
 import os
 import signal
 import tempfile
@@ -46,8 +47,12 @@ def save(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ckpt-", suffix=".tmp")
     try:
+        # Serialise in memory first: torch's zip writer reports a full disk as a RuntimeError
+        # ("enforce fail at inline_container.cc"); a plain write raises the OSError (ENOSPC).
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

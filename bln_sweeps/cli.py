@@ -85,6 +85,9 @@ def hydra_main(argv: list[str]) -> int:
         except Preempted as e:
             print(f"bln-train: {e}", file=sys.stderr)
             raise SystemExit(3) from None
+        except OSError as e:  # e.g. a full disk while checkpointing: the last checkpoint stands
+            print(f"bln-train: error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
         line = " · ".join(
             f"{k} {v:.4f}"
             for k, v in result.items()

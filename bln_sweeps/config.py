@@ -252,6 +252,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if cfg.train.dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError("train.dtype", cfg.train.dtype, "valid choices: auto, float32, bfloat16")
+    from bln_sweeps.tracking import resolve_tracking_uri  # stdlib-only at import
+
+    try:
+        resolve_tracking_uri(cfg.tracking.uri, Path.cwd())
+    except ValueError as e:
+        raise ConfigError("tracking.uri", cfg.tracking.uri, str(e).split(": ", 1)[-1]) from None
     device = cfg.train.device
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise ConfigError("train.device", device, "valid choices: auto, cpu, cuda, cuda:N")
@@ -266,15 +272,22 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def _schema_keys(key: str) -> tuple[str, list[str]]:
-    """(deepest valid parent, its valid child keys) of a dotted config path, for error messages."""
-    node: Any = RunConfig
+def _schema_keys(key: str, config_name: str = "train") -> tuple[str, list[str]]:
+    """(deepest valid parent, its valid child keys) of a dotted config path, for error messages.
+    `launcher.slurm` is a free mapping in the schema: its keys are those of conf/launcher/
+    slurm.yaml (every SLURM parameter the launcher passes on)."""
+    if key.startswith("launcher.slurm."):
+        from omegaconf import OmegaConf
+
+        slurm = OmegaConf.load(CONF_DIR / "launcher" / "slurm.yaml").get("slurm") or {}
+        return "launcher.slurm", sorted(slurm)
+    node: Any = SweepConfig if config_name == "sweep" else RunConfig
     parent = []
     for part in key.split(".")[:-1]:
         fields = getattr(node, "__dataclass_fields__", {})
         if part not in fields:
             break
-        node = GROUPS.get(part, fields[part].type)
+        node = ALL_GROUPS.get(part, fields[part].type)
         parent.append(part)
     return ".".join(parent) or "top level", sorted(getattr(node, "__dataclass_fields__", {}))
 
@@ -288,7 +301,9 @@ def _norm_options(overrides: list[str]) -> list[str]:
     return sorted(OmegaConf.load(path).get("options") or {}) if path.exists() else []
 
 
-def _explain(override: str, err: Exception, overrides: list[str]) -> ConfigError:
+def _explain(
+    override: str, err: Exception, overrides: list[str], config_name: str = "train"
+) -> ConfigError:
     """Hydra's composition errors, reduced to one line naming the key and the valid choices."""
     from hydra.errors import MissingConfigException
 
@@ -306,7 +321,7 @@ def _explain(override: str, err: Exception, overrides: list[str]) -> ConfigError
         if key.startswith("norm.options."):
             valid = ", ".join(_norm_options(overrides)) or "none"
             return ConfigError(key, value, f"unknown norm option; valid options: {valid}")
-        parent, valid = _schema_keys(key)
+        parent, valid = _schema_keys(key, config_name)
         return ConfigError(key, value, f"unknown key; valid keys of {parent}: {', '.join(valid)}")
     if "could not be converted" in text or "Value '" in text:
         return ConfigError(key, value, "wrong type: " + chain[-1].splitlines()[0])
@@ -333,7 +348,7 @@ def compose(overrides: list[str], config_name: str = "train") -> Any:
             return hydra_compose(config_name, overrides=overrides)
         except Exception as e:
             bad = _guilty_override(overrides, config_name)
-            raise _explain(bad, e, overrides) from None
+            raise _explain(bad, e, overrides, config_name) from None
 
 
 def _guilty_override(overrides: list[str], config_name: str) -> str:

@@ -112,6 +112,11 @@ def logical_metric_name(key: str) -> str:
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]+@")
 
 
+def mask_credentials(text: str) -> str:
+    """`scheme://user:password@host` -> `scheme://***@host`: what may be logged of a URL."""
+    return _URL_CREDENTIALS.sub("***@", text)
+
+
 def _param_value(value: Any) -> str:
     """A value as MLflow stores a param (it calls str()), with lists as JSON, cut to its limit.
 
@@ -121,7 +126,7 @@ def _param_value(value: Any) -> str:
         text = json.dumps(value, default=str)
     else:
         text = str(value)  # None -> "None", True -> "True", 3e-4 -> "0.0003"
-    text = _URL_CREDENTIALS.sub("***@", text)
+    text = mask_credentials(text)
     if len(text) > MAX_PARAM_VAL_LENGTH:
         marker = f"...<truncated: {len(text)} chars>"
         text = text[: MAX_PARAM_VAL_LENGTH - len(marker)] + marker

@@ -215,12 +215,21 @@ def run(
 
     leaky = is_leaky(model)
     uri = resolve_tracking_uri(cfg.tracking.uri, Path.cwd())
-    logger = (
-        RunLogger.start(
+    # The run id is kept beside the checkpoint from the moment the run exists, so an attempt
+    # that died before its first checkpoint is continued (from step 0), never left RUNNING.
+    run_id_file = run_dir / "mlflow_run_id"
+    earlier = state["run_id"] if state else None
+    if earlier is None and cfg.train.resume and run_id_file.exists():
+        earlier = run_id_file.read_text().strip() or None
+
+    def start_logger(run_id: str | None) -> RunLogger:
+        if not cfg.tracking.enabled:
+            return RunLogger.disabled()
+        return RunLogger.start(
             uri,
             cfg.tracking.experiment,
             run_name=run_name(cfg),
-            params=flatten_config(params_of(cfg)) if state is None else None,
+            params=flatten_config(params_of(cfg)) if run_id is None else None,
             tags={
                 **provenance_tags(),
                 **device_tags(device),
@@ -232,12 +241,19 @@ def run(
                 **(tags or {}),
             },
             parent_run_id=parent_run_id,
-            run_id=state["run_id"] if state else None,
+            run_id=run_id,
         )
-        if cfg.tracking.enabled
-        else RunLogger.disabled()
-    )
-    if state is not None:
+
+    try:
+        logger = start_logger(earlier)
+    except ValueError:  # the earlier attempt's run is not in this store (tracking.uri changed)
+        if state is not None:
+            raise
+        earlier, logger = None, start_logger(None)
+    if logger.run_id is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_id_file.write_text(logger.run_id)
+    if earlier is not None:
         logger.set_tags({"resumed_from_step": str(step)})
 
     def save(status: str, result: dict | None = None) -> None:

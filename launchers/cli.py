@@ -30,7 +30,9 @@ def check_storage(url: str | None) -> None:
     try:
         import sqlalchemy
 
-        with sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5}).connect():
+        # PostgreSQL and MySQL drivers take a connect timeout; SQLite's does not
+        args = {} if url.startswith("sqlite") else {"connect_timeout": 5}
+        with sqlalchemy.create_engine(url, connect_args=args).connect():
             pass
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -78,7 +80,7 @@ def prepare(plan: Plan, command: str) -> dict:
     import optuna
 
     from bln_sweeps.search import open_storage, study_names
-    from bln_sweeps.tracking import RunLogger
+    from bln_sweeps.tracking import RunLogger, mask_credentials
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     path = plan.sweep_dir / "manifest.json"
@@ -86,21 +88,24 @@ def prepare(plan: Plan, command: str) -> dict:
     old_cells = {c["name"]: c for c in old.get("cells", [])}
     uri = old.get("tracking_uri") or tracking_uri(plan)
     storage = open_storage(plan.storage_url, plan.sweep_dir)
-    sweep_run = old.get("mlflow_run_id")
+    # a driver killed before it wrote the manifest left its runs behind: adopt them, by tag
+    sweep_run = old.get("mlflow_run_id") or unfinished_run(uri, plan.sweep, "sweep")
     if sweep_run is None:
         logger = RunLogger.start(
             uri,
             plan.sweep,
             run_name=f"sweep {plan.sweep}",
             tags={"sweep": plan.sweep, "kind": "sweep"},
-            description=f"`{command}`",
+            description=f"`{mask_credentials(command)}`",
         )
         sweep_run = logger.run_id
     cells = []
     for cell in plan.cells:
         for name in study_names(plan.sweep, cell["name"]):
             optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
-        run_id = old_cells.get(cell["name"], {}).get("mlflow_run_id")
+        run_id = old_cells.get(cell["name"], {}).get("mlflow_run_id") or unfinished_run(
+            uri, plan.sweep, "cell", cell["name"]
+        )
         if run_id is None:
             logger = RunLogger.start(
                 uri,
@@ -116,7 +121,7 @@ def prepare(plan: Plan, command: str) -> dict:
     prepare_experiment(uri, plan.sweep, plan.search["metric"])  # the UI's saved "bln sweep" view
     manifest = {
         "sweep": plan.sweep,
-        "command": command,
+        "command": mask_credentials(command),
         "base_overrides": plan.base_overrides,
         "base_seed": plan.base_seed,
         "cells": cells,
@@ -129,6 +134,21 @@ def prepare(plan: Plan, command: str) -> dict:
     }
     write_manifest(plan.sweep_dir, manifest)
     return manifest
+
+
+def unfinished_run(uri: str, sweep: str, kind: str, cell: str | None = None) -> str | None:
+    """The id of the sweep's (or a cell's) MLflow run that is still RUNNING, if any."""
+    from bln_sweeps.tracking import tracking_client
+
+    client = tracking_client(uri)
+    exp = client.get_experiment_by_name(sweep)
+    if exp is None:
+        return None
+    query = f"tags.kind = '{kind}' and tags.sweep = '{sweep}' and attributes.status = 'RUNNING'"
+    if cell is not None:
+        query += f" and tags.cell = '{cell}'"
+    runs = client.search_runs([exp.experiment_id], query, max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def write_manifest(sweep_dir: Path, manifest: dict) -> None:
@@ -240,6 +260,7 @@ def run_sweep(argv: list[str]) -> int:
                 print(
                     f"worker {j.job_id} failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr
                 )
+    j = None  # the loop variable would keep the last handle alive past release()
     release(jobs)
     if not finished:
         print("workers stopped before the budget was spent; rerun the same command to resume")

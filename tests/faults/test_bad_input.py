@@ -43,9 +43,7 @@ CATALOGUE = [
     (TRAIN, ["eval.bln_switches=[TTXF]"], "eval.bln_switches", "TTFF"),
     (TRAIN, ["data=tokens", "data.path=/nonexistent/shards"], "data.path", "bln-prepare"),
     (TRAIN, ["train.fault=explode@3"], "train.fault", "raise@STEP"),
-    pytest.param(
-        TRAIN, ["tracking.uri=file:///tmp/mlruns"], "tracking.uri", "sqlite", marks=bug(FILE_URI)
-    ),
+    pytest.param(TRAIN, ["tracking.uri=file:///tmp/mlruns"], "tracking.uri", "sqlite"),
     # ---- bln-sweep ----
     (SWEEP, ["nrom=layernorm,bln"], "nrom", "norm"),
     (SWEEP, ["norm=layernorm,bogus"], "norm", "layernorm"),
@@ -72,15 +70,10 @@ CATALOGUE = [
         ["launcher=slurm", "launcher.slurm.partiton=x"],
         "partiton",
         "partition",
-        marks=bug(TOP_LEVEL),
     ),
-    pytest.param(
-        SWEEP, ["launcher.workres=3"], "launcher.workres", "workers", marks=bug(TOP_LEVEL)
-    ),
-    pytest.param(SWEEP, ["search.n_trails=3"], "search.n_trails", "n_trials", marks=bug(TOP_LEVEL)),
-    pytest.param(
-        SWEEP, ["tracking.uri=file:///tmp/mlruns"], "tracking.uri", "sqlite", marks=bug(FILE_URI)
-    ),
+    pytest.param(SWEEP, ["launcher.workres=3"], "launcher.workres", "workers"),
+    pytest.param(SWEEP, ["search.n_trails=3"], "search.n_trails", "n_trials"),
+    pytest.param(SWEEP, ["tracking.uri=file:///tmp/mlruns"], "tracking.uri", "sqlite"),
     # ---- bln-analyze ----
     (ANALYZE, [], "--experiment", "sweeps"),
     (ANALYZE, ["nosuch"], "nosuch", "sweeps"),
@@ -117,11 +110,8 @@ CATALOGUE = [
         ["x", "--tracking-uri", "file:///tmp/mlruns"],
         "tracking",
         "sqlite",
-        marks=bug(FILE_URI),
     ),
-    pytest.param(
-        ANALYZE, ["x", "--tracking-uri", "ftp://nowhere"], "tracking", "sqlite", marks=bug(FILE_URI)
-    ),
+    pytest.param(ANALYZE, ["x", "--tracking-uri", "ftp://nowhere"], "tracking", "sqlite"),
 ]
 
 

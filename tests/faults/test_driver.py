@@ -87,11 +87,6 @@ def test_dead_driver_then_the_same_command_completes_the_sweep(how, tmp_path, re
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a driver killed inside prepare() (sweep and cell MLflow runs created, manifest "
-    "not yet written) leaves those runs RUNNING forever; the rerun creates new ones",
-)
 def test_driver_killed_while_preparing_leaves_no_run_running(tmp_path):
     """kill -9 at the one moment no outside timing can hit reliably: right before the driver
     writes the manifest, after it created the sweep's and the cells' MLflow runs."""

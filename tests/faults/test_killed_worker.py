@@ -43,11 +43,6 @@ def running_mlflow_run(sweep_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the MLflow run of a trial whose worker died before its first checkpoint stays "
-    "RUNNING forever; the retry starts a new run",
-)
 def test_worker_killed_before_its_first_checkpoint_leaves_no_run_running(tmp_path):
     args = [
         "norm=layernorm",

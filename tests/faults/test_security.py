@@ -237,11 +237,6 @@ def test_the_sweep_ui_listens_on_loopback_only_by_default(evil_sweep):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the sweep's MLflow run stores the command line as its description "
-    "(mlflow.note.content) unmasked; params mask URL credentials, the description does not",
-)
 def test_a_password_in_a_storage_url_is_not_logged(tmp_path):
     from urllib.parse import urlsplit
 
