@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-PACKAGES = ("bln_sweeps", "launchers", "analysis", "conf")
+PACKAGES = ("bln_sweeps", "launchers", "analysis", "hydra_plugins", "conf")
 VERSION_FILE = "CODE_VERSION.json"
 
 
