@@ -184,6 +184,22 @@ def test_cli_multirun_grid(tmp_path):
     ]
 
 
+def train_one_step(make_cfg, norm: str, batch: str, seq: str, train_tokens: int) -> None:
+    """One optimizer step and an eval of one composition; it must finish with a finite loss."""
+    cfg = make_cfg(
+        f"norm={norm}",
+        f"batch={batch}",
+        f"seq={seq}",
+        "train.steps=1",
+        "train.eval_interval=1",
+        "train.eval_batches=1",
+        f"data.n_train_tokens={train_tokens}",
+        tracking=False,
+    )
+    result = run(cfg)
+    assert result["status"] == "finished" and math.isfinite(result["val/loss"]), cfg
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_full_norm_batch_seq_product_trains_on_gpu(make_cfg):
@@ -192,19 +208,7 @@ def test_the_full_norm_batch_seq_product_trains_on_gpu(make_cfg):
     for norm in group_options("norm"):
         for batch in group_options("batch"):
             for seq in group_options("seq"):
-                cfg = make_cfg(
-                    f"norm={norm}",
-                    f"batch={batch}",
-                    f"seq={seq}",
-                    "train.steps=1",
-                    "train.eval_interval=1",
-                    "train.eval_batches=1",
-                    "data.n_train_tokens=300000",
-                    tracking=False,
-                )
-                result = run(cfg)
-                assert result["status"] == "finished", cfg
-                assert math.isfinite(result["val/loss"]), cfg
+                train_one_step(make_cfg, norm, batch, seq, train_tokens=300_000)
 
 
 @pytest.mark.slow
@@ -217,15 +221,4 @@ def test_every_norm_batch_seq_combination_trains(make_cfg):
     combos = {(n, b, shortest) for n in norms for b in batches}
     combos |= {(n, "b2", s) for n in norms for s in seqs}
     for norm, batch, seq in sorted(combos):
-        cfg = make_cfg(
-            f"norm={norm}",
-            f"batch={batch}",
-            f"seq={seq}",
-            "train.steps=1",
-            "train.eval_interval=1",
-            "train.eval_batches=1",
-            "data.n_train_tokens=20000",
-            tracking=False,
-        )
-        result = run(cfg)
-        assert result["status"] == "finished" and math.isfinite(result["val/loss"]), cfg
+        train_one_step(make_cfg, norm, batch, seq, train_tokens=20_000)
