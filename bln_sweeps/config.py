@@ -272,15 +272,30 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def _schema_keys(key: str, config_name: str = "train") -> tuple[str, list[str]]:
+def _hydra_launcher_keys(name: str | None) -> list[str]:
+    """Keys of the Hydra launcher `name` as registered in Hydra's ConfigStore."""
+    from hydra.core.config_store import ConfigStore
+
+    try:
+        node = ConfigStore.instance().load(f"hydra/launcher/{name or 'basic'}.yaml").node
+    except Exception:
+        return []
+    return sorted(k for k in node if k != "_target_")
+
+
+def _schema_keys(
+    key: str, config_name: str = "train", launcher: str | None = None
+) -> tuple[str, list[str]]:
     """(deepest valid parent, its valid child keys) of a dotted config path, for error messages.
     `launcher.slurm` is a free mapping in the schema: its keys are those of conf/launcher/
     slurm.yaml (every SLURM parameter the launcher passes on)."""
-    if key.startswith("launcher.slurm."):
+    if key.startswith(("launcher.slurm.", "hydra.launcher.slurm.")):
         from omegaconf import OmegaConf
 
         slurm = OmegaConf.load(CONF_DIR / "launcher" / "slurm.yaml").get("slurm") or {}
-        return "launcher.slurm", sorted(slurm)
+        return key.rsplit(".", 1)[0], sorted(slurm)
+    if key.startswith("hydra.launcher."):  # bln-train -m hydra/launcher=<name>: its schema
+        return "hydra.launcher", _hydra_launcher_keys(launcher)
     node: Any = SweepConfig if config_name == "sweep" else RunConfig
     parent = []
     for part in key.split(".")[:-1]:
@@ -321,7 +336,8 @@ def _explain(
         if key.startswith("norm.options."):
             valid = ", ".join(_norm_options(overrides)) or "none"
             return ConfigError(key, value, f"unknown norm option; valid options: {valid}")
-        parent, valid = _schema_keys(key, config_name)
+        chosen = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra/launcher=")]
+        parent, valid = _schema_keys(key, config_name, chosen[-1] if chosen else None)
         return ConfigError(key, value, f"unknown key; valid keys of {parent}: {', '.join(valid)}")
     if "could not be converted" in text or "Value '" in text:
         return ConfigError(key, value, "wrong type: " + chain[-1].splitlines()[0])
