@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_slurm import slurm_cluster  # noqa: F401  (a fixture)
+from tests.test_slurm import accounting, slurm_cluster  # noqa: F401  (slurm_cluster: a fixture)
 from tests.test_train import bln_train, mlflow_client
 
 GRID = [
@@ -94,11 +94,7 @@ def test_slurm_grid_runs_as_one_job_array(slurm_cluster, tmp_path):  # noqa: F81
     array = jobs[0].split("_")[0]
     wait_until_gone(array)
     assert sorted(jobs) == [f"{array}_0", f"{array}_1"] and re.fullmatch(r"\d+", array)
-    acct = subprocess.run(
-        ["sacct", "-n", "-X", "-j", array, "-o", "JobID%20,State%20"],
-        capture_output=True,
-        text=True,
-    ).stdout.split()
+    acct = accounting(array)
     assert acct.count("COMPLETED") == 2, acct
 
 

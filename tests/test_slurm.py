@@ -340,6 +340,16 @@ def hydra_quote(value: str) -> str:
     return f"'{value}'"
 
 
+def accounting(array: str) -> list[str]:
+    """`sacct`'s job ids and states of a job array's tasks, as one flat list of words."""
+    out = subprocess.run(
+        ["sacct", "-n", "-X", "-j", array, "-o", "JobID%20,State%20"],
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.split()
+
+
 def wait_for(what: str, predicate, timeout_s: float = 180.0, every_s: float = 0.2):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -420,11 +430,7 @@ def test_sweep_runs_as_one_job_array(slurm_cluster, tmp_path, cancel_leftovers):
     ids = job_ids(sweep_dir)
     array = ids[0].split("_")[0]
     assert ids == [f"{array}_0", f"{array}_1"]  # one array, one task per worker
-    acct = subprocess.run(
-        ["sacct", "-n", "-X", "-j", array, "-o", "JobID%20,State%20"],
-        capture_output=True,
-        text=True,
-    ).stdout.split()
+    acct = accounting(array)
     assert acct.count("COMPLETED") == 2, acct
     # the script sbatch ran is the one the golden test pins down
     (script,) = sweep_dir.rglob("*_submission.sh")
