@@ -112,7 +112,7 @@ def tracking_overhead(repeats: int, steps: int) -> dict[str, float]:
                         "seq=s256",
                         f"train.steps={steps}",
                         f"train.eval_interval={steps}",
-                        "train.eval_batches=1",
+                        "eval.tokens=512",
                         "train.log_interval=1",
                         "train.checkpoint_interval=0",
                         "train.resume=false",

@@ -83,7 +83,6 @@ class DataConfig:
 class TrainConfig:
     steps: int = 200  # optimizer steps
     eval_interval: int = 50  # steps between evaluations (and always at the end)
-    eval_batches: int = 8  # validation micro-batches per evaluation (a fixed set)
     log_interval: int = 10  # steps between train-metric logs
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
@@ -97,6 +96,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    # Tokens in each evaluation split (val: selection, test: reporting): eval.tokens // seq.len
+    # fixed windows, the same for every cell whatever its batch size.
+    tokens: int = 8192
     batch_stats: bool = True  # also report val/loss@batch (train-mode statistics, leak diagnostic)
     bln_switches: list[str] = field(default_factory=list)  # e.g. [TTFF, FFFF] or [all]
 
@@ -203,7 +205,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("optim.lr", cfg.optim.lr),
         ("train.steps", cfg.train.steps),
         ("train.eval_interval", cfg.train.eval_interval),
-        ("train.eval_batches", cfg.train.eval_batches),
+        ("eval.tokens", cfg.eval.tokens),
         ("train.log_interval", cfg.train.log_interval),
         ("batch.size", cfg.batch.size),
         ("seq.len", cfg.seq.len),
@@ -420,12 +422,15 @@ class SweepSection:
 @dataclass
 class SearchConfig:
     n_trials: int = 8  # trials per cell (complete + pruned + failed count against it)
-    confirm_seeds: int = 3  # the best trial of each cell re-run with seeds 0..k-1
-    metric: str = "val/loss"  # minimised; population statistics
+    confirm_seeds: int = 3  # the best trial re-run with seeds seed+1..seed+k (search: seed)
+    metric: str = "val/loss"  # minimised; population statistics on the selection split
     sampler: str = "tpe"  # tpe | random | qmc | gp
+    startup_trials: int | None = None  # random trials before TPE/GP model; None: n_trials // 3
+    expand_edges: bool = False  # widen a range whose best lies at an edge, once per cell
+    expand_trials: int = 4  # extra trials a widened cell gets
     pruner: str = "median"  # none | median | halving | hyperband
     pruner_warmup_evals: int = 1  # evaluations a trial reports before it may be pruned
-    seed: int = 0  # sampler seed
+    seed: int = 0  # sampler seed; each cell's stream is derived from it and the cell name
     params: dict[str, Any] = field(default_factory=dict)  # key -> distribution (every cell)
     per_norm: dict[str, dict[str, Any]] = field(default_factory=dict)  # norm -> extra params
 

@@ -63,6 +63,10 @@ def check_synthetic(vocab_size: int, n_train: int, n_val: int, seq_len: int = 0)
     for key, n in (("data.n_train_tokens", n_train), ("data.n_val_tokens", n_val)):
         if n <= seq_len + 1:
             raise ConfigError(key, n, f"must exceed seq.len + 1 = {seq_len + 1}")
+    if n_val // 2 <= seq_len + 1:  # the val and test halves each need a window
+        raise ConfigError(
+            "data.n_val_tokens", n_val, f"must exceed 2 x (seq.len + 1) = {2 * (seq_len + 1)}"
+        )
 
 
 def _log_uniform(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -416,6 +420,25 @@ def val_batches(tokens: Tokens, batch_size: int, seq_len: int, n_batches: int, s
     evaluation of every run with this (batch_size, seq_len) sees the same data."""
     rng = np.random.default_rng(seed)
     return [get_batch(tokens, batch_size, seq_len, rng) for _ in range(n_batches)]
+
+
+def eval_splits(tokens: Tokens) -> dict[str, list[np.ndarray]]:
+    """The held-out tokens cut in two: each shard's first half is the selection split (`val`,
+    what the search and the pruner read), its second half the test split (`test`, what tables
+    report). No window crosses the cut, so the two never share a token."""
+    shards = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
+    return {
+        "val": [s[: len(s) // 2] for s in shards],
+        "test": [s[len(s) // 2 :] for s in shards],
+    }
+
+
+def eval_windows(tokens: Tokens, seq_len: int, n_tokens: int, seed: int = 0):
+    """The fixed evaluation set of one split: max(1, n_tokens // seq_len) random windows as
+    (x, y), each (N, T) int64. They depend on the data, seq_len, n_tokens and seed only, never on
+    the batch size, so every cell of a sweep is scored on the same windows."""
+    n = max(1, n_tokens // seq_len)
+    return get_batch(tokens, n, seq_len, np.random.default_rng(seed))
 
 
 # -----------------------------------------------------------------------------

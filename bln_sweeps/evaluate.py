@@ -1,19 +1,24 @@
-"""Validation loss under each inference mode, leaving every buffer exactly as it was.
+"""Held-out losses under each inference mode, leaving every buffer exactly as it was.
 
-The headline number is `val/loss`: `model.eval()`, i.e. population (running) statistics, the only
+Two fixed splits are scored the same way (bln_sweeps.data.eval_splits): `val/...` is the selection
+split the search and the pruner read, `test/...` the held-out split tables report. The headline
+number of a split is `<split>/loss`: `model.eval()`, i.e. population (running) statistics, the only
 mode in which every variant is causal and batch-independent (NORMS.md §8). Side by side, so the
 train/inference gap and any leak are visible:
 
-- `val/loss@batch`: the train-mode forward (current-batch statistics) on validation data. For a
+- `<split>/loss@batch`: the train-mode forward (current-batch statistics) on held-out data. For a
   leaky norm this is the optimistic number a train-mode loss would report.
-- `val/loss@bln-XXXX`: BLN's four inference switches (batch_moving_mean, batch_moving_var,
+- `<split>/loss@bln-XXXX`: BLN's four inference switches (batch_moving_mean, batch_moving_var,
   feature_moving_mean, feature_moving_var) as T/F, e.g. `bln-TTFF` (the official default).
 
-Train-mode forwards update running statistics (BatchNorm, BLN, PowerNorm's phi and iters), even
-under no_grad, so every mode snapshots the buffers first and restores them after.
+Evaluation is a pure function of the weights and buffers at that moment. Train-mode forwards
+update running statistics (BatchNorm, BLN, PowerNorm's phi and iters), even under no_grad, so
+every batch of every mode starts from one snapshot of the buffers, restored after: no mode and no
+batch sees another's updates, and the order of the batches changes no value.
 """
 
 import itertools
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -65,44 +70,64 @@ def has_bln(model: nn.Module) -> bool:
 
 
 def mean_loss(
-    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], autocast
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    autocast,
+    snapshot: dict[str, torch.Tensor] | None = None,
 ) -> float:
-    total, n = 0.0, 0
+    """Mean loss per token over the batches (each weighted by its rows). With `snapshot`, every
+    batch starts from those buffers. fsum is exact, so the batch order cannot change the sum."""
+    parts, rows = [], 0
     with torch.no_grad():
-        for x, y in batches:
+        for x, y in batches:  # x, y: (B, T)
+            if snapshot is not None:
+                restore_buffers(model, snapshot)
             with autocast():
                 _, loss = model(x, y)
-            total += loss.item()
-            n += 1
-    return total / n
+            parts.append(loss.item() * len(x))
+            rows += len(x)
+    return math.fsum(parts) / rows
+
+
+def restore_buffers(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    for name, b in model.named_buffers():
+        b.copy_(snapshot[name])
+
+
+def chunks(x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    """(N, T) windows -> (B, T) batches of the cell's batch size (the last may be smaller)."""
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
 
 
 def evaluate(
     model: nn.Module,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    windows: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
     autocast,
     batch_stats: bool = True,
     bln_codes: Iterable[str] = (),
+    split: str = "val",
 ) -> dict[str, float]:
-    """Validation losses keyed by logical metric name (`val/loss`, `val/loss@<mode>`)."""
+    """Losses of one split keyed by logical metric name (`<split>/loss`, `<split>/loss@<mode>`).
+
+    windows: (x, y), each (N, T), the split's fixed windows; they are fed in batches of
+    `batch_size` rows, the sample the batch-statistic modes normalize over."""
+    batches = chunks(*windows, batch_size)
     out = {}
-    # Each mode gets its own snapshot: the train-mode pass must not move the running statistics
-    # that the eval-mode passes after it read.
     with frozen_buffers(model):
+        snapshot = {name: b.detach().clone() for name, b in model.named_buffers()}
         model.eval()
-        out["val/loss"] = mean_loss(model, batches, autocast)
-    if batch_stats:
-        with frozen_buffers(model):
+        out[f"{split}/loss"] = mean_loss(model, batches, autocast, snapshot)
+        if batch_stats:
             model.train()
             for m in model.modules():  # batch statistics, but no dropout noise
                 if isinstance(m, nn.Dropout):
                     m.eval()
-            out["val/loss@batch"] = mean_loss(model, batches, autocast)
-    if has_bln(model):
-        codes = ALL_BLN_SWITCHES if "all" in bln_codes else list(dict.fromkeys(bln_codes))
-        with frozen_buffers(model):
+            out[f"{split}/loss@batch"] = mean_loss(model, batches, autocast, snapshot)
+        if has_bln(model):
             model.eval()
+            codes = ALL_BLN_SWITCHES if "all" in bln_codes else list(dict.fromkeys(bln_codes))
             for code in codes:
                 with bln_switches(model, code):
-                    out[f"val/loss@bln-{code}"] = mean_loss(model, batches, autocast)
+                    out[f"{split}/loss@bln-{code}"] = mean_loss(model, batches, autocast, snapshot)
     return out

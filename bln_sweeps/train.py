@@ -25,7 +25,7 @@ import torch
 
 from bln_sweeps import checkpoint
 from bln_sweeps.config import RunConfig
-from bln_sweeps.data import BatchSampler, build_data, val_batches
+from bln_sweeps.data import BatchSampler, build_data, eval_splits, eval_windows
 from bln_sweeps.evaluate import evaluate
 from bln_sweeps.model import GPT, GPTConfig
 from bln_sweeps.norms import NORMS, build_norm
@@ -200,10 +200,11 @@ def run(
         fused=device.type == "cuda",
     )
     sampler = BatchSampler(data.train, cfg.batch.size, cfg.seq.len, seed=cfg.seed)
-    val = [
-        (x.to(device), y.to(device))
-        for x, y in val_batches(data.val, cfg.batch.size, cfg.seq.len, cfg.train.eval_batches)
-    ]
+    # Selection (val) and test windows: fixed by eval.tokens and seq.len, whatever the batch size.
+    held_out = {
+        split: tuple(t.to(device) for t in eval_windows(tokens, cfg.seq.len, cfg.eval.tokens))
+        for split, tokens in eval_splits(data.val).items()
+    }
     step, history = 0, {"train_step": [], "train_loss": [], "eval_step": []}
     if state is not None:
         model.load_state_dict(state["model"])
@@ -273,8 +274,18 @@ def run(
             },
         )
 
-    def eval_now() -> dict[str, float]:
-        metrics = evaluate(model, val, autocast, cfg.eval.batch_stats, cfg.eval.bln_switches)
+    def eval_now(splits: tuple[str, ...] = ("val",)) -> dict[str, float]:
+        metrics = {}
+        for split in splits:
+            metrics |= evaluate(
+                model,
+                held_out[split],
+                cfg.batch.size,
+                autocast,
+                cfg.eval.batch_stats,
+                cfg.eval.bln_switches,
+                split=split,
+            )
         history["eval_step"].append(step)
         for k, v in metrics.items():
             history.setdefault(k, []).append(v)
@@ -331,7 +342,9 @@ def run(
                     logger.log_metrics(m, step=step)
                     t_window, window_steps = time.perf_counter(), 0
                 if step % cfg.train.eval_interval == 0 or step == cfg.train.steps:
-                    metrics = eval_now()
+                    # the test split is scored once, at the end: nothing during training reads it
+                    last = step == cfg.train.steps
+                    metrics = eval_now(("val", "test") if last else ("val",))
                     stop = on_eval(step, metrics) if on_eval is not None else None
                     t_window, window_steps = time.perf_counter(), 0  # eval is not training time
                     if stop:
@@ -355,7 +368,7 @@ def run(
         raise
 
     if status == "finished" and step not in history["eval_step"]:
-        metrics = eval_now()
+        metrics = eval_now(("val", "test"))
     wall = history.get("wall_s", 0.0)
     logger.log_metrics({"perf/wall_s": wall}, step=step)
     result = {**metrics, "status": status, "step": step, "run_id": logger.run_id, "wall_s": wall}

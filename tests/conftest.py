@@ -23,7 +23,7 @@ def make_cfg(tmp_path, mlflow_uri):
         base = [
             "train.steps=6",
             "train.eval_interval=3",
-            "train.eval_batches=2",
+            "eval.tokens=1024",
             "train.log_interval=1",
             "data.n_train_tokens=50000",
             "data.n_val_tokens=10000",

@@ -17,7 +17,7 @@ GRID = [
     "norm=layernorm,rmsnorm",
     "train.steps=2",
     "train.eval_interval=2",
-    "train.eval_batches=1",
+    "eval.tokens=512",
     "data.n_train_tokens=20000",
     "data.n_val_tokens=5000",
 ]

@@ -100,7 +100,7 @@ def test_evaluation_leaves_buffers_unchanged(make_cfg):
     with torch.no_grad():
         model(x, x)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    evaluate(model, [(x, x)], nullcontext, batch_stats=True, bln_codes=["all"])
+    evaluate(model, (x, x), 2, nullcontext, batch_stats=True, bln_codes=["all"])
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -167,7 +167,7 @@ def test_cli_multirun_grid(tmp_path):
         "batch=b2,b4",
         "train.steps=2",
         "train.eval_interval=2",
-        "train.eval_batches=1",
+        "eval.tokens=512",
         "data.n_train_tokens=20000",
         "data.n_val_tokens=5000",
         cwd=tmp_path,
@@ -192,7 +192,7 @@ def train_one_step(make_cfg, norm: str, batch: str, seq: str, train_tokens: int)
         f"seq={seq}",
         "train.steps=1",
         "train.eval_interval=1",
-        "train.eval_batches=1",
+        "eval.tokens=512",
         f"data.n_train_tokens={train_tokens}",
         tracking=False,
     )

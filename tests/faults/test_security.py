@@ -63,7 +63,7 @@ def evil_run(tmp_path_factory):
     uri = f"sqlite:///{root}/store/mlflow.db"
     p = cli(
         "bln_sweeps.train",
-        *["train.steps=4", "train.eval_interval=2", "train.eval_batches=1", "seq.len=64"],
+        *["train.steps=4", "train.eval_interval=2", "eval.tokens=512", "seq.len=64"],
         *["data.n_train_tokens=20000", "data.n_val_tokens=4000", f"tracking.uri={uri}"],
         f"tracking.experiment='{experiment}'",
         f"tracking.run_name='{run_name}'",
