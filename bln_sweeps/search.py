@@ -6,8 +6,12 @@ reads, so existing search files carry over:
     optim.lr: tag(log, interval(1e-4, 3e-3))    # log-uniform float
     optim.weight_decay: interval(0.0, 0.2)       # uniform float
     optim.beta2: choice(0.95, 0.99)              # categorical
-    norm.options.warmup_steps: range(0, 200, 50) # stepped int (or float)
-    train.eval_batches: int(interval(2, 8))      # uniform int
+    norm.options.warmup_steps: range(0, 200, 50) # stepped int 0, 50, ..., 200 (stop included)
+    train.steps: int(interval(100, 400))         # uniform int
+    model.n_layer: shuffle(range(2, 5))          # categorical of 2, 3, 4 (what range iterates)
+
+`range(start, stop, step)` means what it means to Hydra's Optuna sweeper: `stop` is included.
+As a grid axis on the command line it is Hydra's basic sweeper's range, which excludes `stop`.
 
 Torch-free: the sweep driver parses and validates spaces on a login node.
 """
@@ -44,16 +48,7 @@ def parse_distribution(key: str, expression: Any):
             return od.IntDistribution(low, high, log=log)
         return od.FloatDistribution(float(low), float(high), log=log)
     if isinstance(value, RangeSweep):
-        step = value.step
-        ints = all(isinstance(v, int) for v in (value.start, value.stop, step))
-        if step <= 0 or not value.start < value.stop:
-            raise ConfigError(key, expression, "range needs start < stop and a positive step")
-        # Hydra's range excludes `stop`; optuna's high is inclusive
-        if ints:
-            high = value.start + ((value.stop - 1 - value.start) // step) * step
-            return od.IntDistribution(value.start, high, step=step)
-        n = int((value.stop - value.start) / step - 1e-9)
-        return od.FloatDistribution(value.start, value.start + n * step, step=step)
+        return _range_distribution(key, expression, value, override)
     if isinstance(value, ChoiceSweep):
         if not value.list:
             raise ConfigError(key, expression, "choice needs at least one value")
@@ -61,6 +56,23 @@ def parse_distribution(key: str, expression: Any):
     if override.is_sweep_override():
         raise ConfigError(key, expression, f"unsupported distribution; use {grammar}")
     return None
+
+
+def _range_distribution(key: str, expression: Any, value, override):
+    """range() as Hydra's Optuna sweeper reads it (a search file carries over unchanged): `stop`
+    is the inclusive high of a stepped int or float distribution; shuffle(range(...)) is a
+    categorical of the values the range iterates (stop excluded, as Hydra iterates it)."""
+    import optuna.distributions as od
+    from hydra.core.override_parser.types import Transformer
+
+    if value.shuffle:
+        return od.CategoricalDistribution(list(override.sweep_iterator(Transformer.encode)))
+    start, stop, step = value.start, value.stop, value.step
+    if step <= 0 or not start < stop:
+        raise ConfigError(key, expression, "range needs start < stop and a positive step")
+    if all(isinstance(v, int) for v in (start, stop, step)):
+        return od.IntDistribution(start, stop, step=step)
+    return od.FloatDistribution(float(start), float(stop), step=float(step))
 
 
 def parse_space(space: Mapping[str, Any]) -> dict[str, Any]:
@@ -116,19 +128,12 @@ def open_storage(url: str | None, sweep_dir: Path):
     return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
 
 
-def make_sampler(search: Mapping[str, Any], seed_offset: int = 0):
-    import optuna
+def make_sampler(search: Mapping[str, Any], cell: str = ""):
+    """The sampler stream of one cell (bln_sweeps.design: seeded from search.seed and the cell,
+    start-up trials sized by the budget)."""
+    from bln_sweeps.design import cell_sampler
 
-    seed = search["seed"] + seed_offset
-    samplers = {
-        "tpe": lambda: optuna.samplers.TPESampler(seed=seed, multivariate=True),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
-        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
-    }
-    if search["sampler"] not in samplers:
-        raise ConfigError("search.sampler", search["sampler"], f"valid: {', '.join(samplers)}")
-    return samplers[search["sampler"]]()
+    return cell_sampler(search, cell)
 
 
 def make_pruner(search: Mapping[str, Any]):
@@ -291,10 +296,33 @@ class Worker:
             self._studies[name] = optuna.load_study(
                 study_name=name,
                 storage=self.storage,
-                sampler=None if confirm else make_sampler(self.search, self.worker_id),
+                sampler=None if confirm else make_sampler(self.search, self.cell_of(name)),
                 pruner=optuna.pruners.NopPruner() if confirm else make_pruner(self.search),
             )
         return self._studies[name]
+
+    def cell_of(self, study_name: str) -> str:
+        """The cell a search study belongs to (its sampler stream is keyed by the cell)."""
+        return study_name[len(self.manifest["sweep"]) + 1 :]
+
+    def search_budget(self, study) -> int:
+        """search.n_trials, plus search.expand_trials once an edge range was widened."""
+        extra = self.search.get("expand_trials", 0) if study.user_attrs.get("expanded") else 0
+        return self.search["n_trials"] + extra
+
+    def cell_space(self, cell: dict, study) -> dict[str, Any]:
+        """The distributions a cell's trials are asked with: its search space, with any range
+        widened by search.expand_edges."""
+        return searched_space(cell, study)
+
+    def maybe_expand(self, cell: dict, study) -> bool:
+        """search.expand_edges: once a cell's search is done, widen every range whose best value
+        lies at an edge and grant search.expand_trials more trials in the same study (once)."""
+        if not self.search.get("expand_edges") or "expanded" in study.user_attrs:
+            return False
+        widened = widened_space(self.cell_space(cell, study), study)
+        study.set_user_attr("expanded", widened)  # {} records "looked, nothing at an edge"
+        return bool(widened) and self.search.get("expand_trials", 0) > 0
 
     def trial_config(self, cell: dict, params: Mapping[str, Any], seed: int):
         """The validated RunConfig of one trial: what composing `trial_overrides(...)` gives.
@@ -336,7 +364,10 @@ class Worker:
             search_name, confirm_name = study_names(self.manifest["sweep"], cell["name"])
             study = self.study(search_name)
             reap_dead_trials(study)
-            s = budget_state(study, self.search["n_trials"])
+            s = budget_state(study, self.search_budget(study))
+            if s["left"] <= 0 and not (s["running"] or s["waiting"]):
+                if self.maybe_expand(cell, study):
+                    s = budget_state(study, self.search_budget(study))
             free = s["left"] + s["waiting"]  # waiting: retries and preempted trials to resume
             if free > best_left:
                 best, best_left = (cell, "search"), free
@@ -346,7 +377,8 @@ class Worker:
             return best
         for cell in cells:  # every search budget is handed out: confirm runs next
             search_name, confirm_name = study_names(self.manifest["sweep"], cell["name"])
-            s = budget_state(self.study(search_name), self.search["n_trials"])
+            search_study = self.study(search_name)
+            s = budget_state(search_study, self.search_budget(search_study))
             confirm = self.study(confirm_name, confirm=True)
             reap_dead_trials(confirm)
             c = budget_state(confirm, self.search["confirm_seeds"])
@@ -389,8 +421,8 @@ class Worker:
         search_name, confirm_name = study_names(self.manifest["sweep"], cell["name"])
         confirm = kind == "confirm"
         study = self.study(confirm_name if confirm else search_name, confirm=confirm)
-        budget = self.search["confirm_seeds"] if confirm else self.search["n_trials"]
-        space = {} if confirm else parse_space(cell["space"])
+        budget = self.search["confirm_seeds"] if confirm else self.search_budget(study)
+        space = {} if confirm else self.cell_space(cell, study)
         trial = study.ask(space)
         store = study._storage
         earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
@@ -401,15 +433,24 @@ class Worker:
             study.tell(trial, state=TrialState.FAIL)
             return False
 
+        at_edge = ""
         if confirm:
-            best = self.study(search_name).best_trial
+            from bln_sweeps.design import confirm_seed, edge_text, edges
+
+            search_study = self.study(search_name)
+            best = search_study.best_trial
             params = dict(best.params)
             seed = trial.user_attrs.get("seed")
-            seed = trial.number if seed is None else seed
+            # fresh seeds: never the search's (design.confirm_seed), so no confirm run repeats
+            # the trial that was selected for being best
+            seed = confirm_seed(self.manifest["base_seed"], trial.number) if seed is None else seed
             store.set_trial_user_attr(trial._trial_id, "best_trial", best.number)
+            at_edge = edge_text(edges(self.cell_space(cell, search_study), params))
         else:
+            from bln_sweeps.design import search_seed
+
             params = dict(trial.params)
-            seed = self.manifest["base_seed"]
+            seed = search_seed(self.manifest["base_seed"])
         slug = cell["name"].replace("=", "-").replace(",", "_")
         run_dir = trial.user_attrs.get("run_dir") or str(
             self.sweep_dir / "runs" / slug / f"{kind}-{trial.number}"
@@ -447,6 +488,7 @@ class Worker:
             "trial": str(trial.number),
             "kind": "confirm" if confirm else "trial",
             "optuna.study": study.study_name,
+            **({"at_edge": at_edge} if confirm else {}),
         }
         try:
             with Heartbeat(study, trial._trial_id):
@@ -485,6 +527,69 @@ class Worker:
             )
             study.tell(trial, state=TrialState.FAIL)
         return True
+
+
+def searched_space(cell: dict, study) -> dict[str, Any]:
+    """A cell's distributions: its search space, with the ranges search.expand_edges widened (a
+    study user attribute, {key: distribution JSON})."""
+    from bln_sweeps.design import from_json
+
+    space = parse_space(cell["space"])
+    for key, text in (study.user_attrs.get("expanded") or {}).items():
+        space[key] = from_json(text)
+    return space
+
+
+def widened_space(space: dict[str, Any], study) -> dict[str, str]:
+    """{key: widened distribution JSON} for every range whose best value is at an edge."""
+    from bln_sweeps.design import edges, to_json, widen
+
+    try:
+        best = study.best_trial
+    except ValueError:  # nothing finished: no best, no edge
+        return {}
+    return {k: to_json(widen(space[k], e)) for k, e in edges(space, best.params).items()}
+
+
+def edge_report(sweep_dir: Path) -> list[str]:
+    """One line per cell and searched key whose best value lies in the outer tenth of its range:
+    the cell, the key, the edge, and the override that widens it. Printed at the end of a sweep."""
+    import optuna
+
+    from bln_sweeps.design import edges, expression, widen
+
+    manifest = load_manifest(sweep_dir)
+    storage = open_storage(manifest["storage_url"], Path(sweep_dir))
+    lines = []
+    for cell in manifest["cells"]:
+        name = study_names(manifest["sweep"], cell["name"])[0]
+        study = optuna.load_study(study_name=name, storage=storage)
+        space = searched_space(cell, study)
+        try:
+            best = study.best_trial
+        except ValueError:
+            continue
+        for key, edge in edges(space, best.params).items():
+            wider = f"{{{key}: '{expression(widen(space[key], edge))}'}}"
+            where = _space_entry(manifest, cell, key)
+            lines.append(
+                f"at edge: {cell['name']}: best {key}={best.params[key]:.4g} lies in the {edge}"
+                f" tenth of {expression(space[key])}; widen it: \"{where}={wider}\""
+                f" (or search.expand_edges=true)"
+            )
+    return lines
+
+
+def _space_entry(manifest: dict, cell: dict, key: str) -> str:
+    """The config key holding a searched key's range: search.params, or search.per_norm.<norm>
+    for a norm's own addition."""
+    search = manifest["search"]
+    if key in search.get("params", {}):
+        return "search.params"
+    for norm, extra in search.get("per_norm", {}).items():
+        if key in extra and f"norm={norm}" in [*manifest["base_overrides"], *cell["overrides"]]:
+            return f"search.per_norm.{norm}"
+    return "search.params"
 
 
 def worker_main(sweep_dir: str, worker_id: int = 0) -> int:

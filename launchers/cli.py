@@ -56,6 +56,7 @@ def print_plan(plan: Plan) -> None:
         f"{len(plan.cells)} cells x ({s['n_trials']} trials + {s['confirm_seeds']} confirm seeds)"
         f" = {plan.trial_budget} runs; sampler {s['sampler']}, pruner {s['pruner']}"
     )
+    print(search_design(plan))
     for cell in plan.cells:
         space = ", ".join(f"{k}={v}" for k, v in cell["space"].items()) or "(nothing searched)"
         print(f"  {cell['name']}: {space}")
@@ -63,6 +64,21 @@ def print_plan(plan: Plan) -> None:
     print(
         f"{n} worker job(s) on launcher {plan.launcher['name']!r}"
         f" (timeout {plan.launcher['timeout_min']} min each)"
+    )
+
+
+def search_design(plan: Plan) -> str:
+    """The seeds and the start-up budget, stated: what makes the cells comparable."""
+    from bln_sweeps.design import confirm_seed, search_seed, startup_trials
+
+    s, base = plan.search, plan.base_seed
+    k = s["confirm_seeds"]
+    confirm = f"seeds {confirm_seed(base, 0)}..{confirm_seed(base, k - 1)}" if k else "none"
+    modelled = s["sampler"] in ("tpe", "gp")
+    startup = f", {startup_trials(s)} random start-up trials" if modelled else ""
+    return (
+        f"search trials train with seed {search_seed(base)}, confirm runs with {confirm};"
+        f" one sampler stream per cell (search.seed={s['seed']}){startup}"
     )
 
 
@@ -207,6 +223,18 @@ def ranked_table(manifest: dict) -> None:
     print(out.stdout if out.returncode == 0 else f"(no table: {out.stderr.strip()})")
 
 
+def report_edges(sweep_dir: Path) -> None:
+    """Cells whose best value of a searched parameter lies at an edge of its range: an
+    unfinished comparison, so the sweep says so last, with the override that widens the range."""
+    from bln_sweeps.search import edge_report
+
+    lines = edge_report(sweep_dir)
+    for line in lines:
+        print(line)
+    if not lines:
+        print("no best value lies in the outer tenth of its search range")
+
+
 def run_sweep(argv: list[str]) -> int:
     flags = {a for a in argv if a.startswith("--")}
     overrides = [a for a in argv if not a.startswith("--")]
@@ -266,6 +294,7 @@ def run_sweep(argv: list[str]) -> int:
         print("workers stopped before the budget was spent; rerun the same command to resume")
         return 1
     ranked_table(manifest)
+    report_edges(plan.sweep_dir)
     print(f"browse the runs: bln-sweep ui {manifest['sweep']}")
     return 0
 

@@ -64,6 +64,10 @@ def make_plan(overrides: list[str]) -> Plan:
         raise ConfigError("search.n_trials", s.n_trials, "must be >= 1")
     if s.confirm_seeds < 0:
         raise ConfigError("search.confirm_seeds", s.confirm_seeds, "must be >= 0")
+    if s.startup_trials is not None and s.startup_trials < 0:
+        raise ConfigError("search.startup_trials", s.startup_trials, "must be >= 0 or null")
+    if s.expand_trials < 0:
+        raise ConfigError("search.expand_trials", s.expand_trials, "must be >= 0")
     if cfg.launcher.workers < 1:
         raise ConfigError("launcher.workers", cfg.launcher.workers, "must be >= 1")
     if cfg.launcher.timeout_min < 1:

@@ -2,11 +2,14 @@
 
 import subprocess
 import sys
+from io import StringIO
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bln_sweeps.config import ConfigError
+from bln_sweeps.design import confirm_seed
 from bln_sweeps.search import parse_distribution, parse_space
 from launchers.plan import make_plan
 
@@ -14,7 +17,7 @@ from launchers.plan import make_plan
 FAST = [
     "train.steps=12",
     "train.eval_interval=4",
-    "train.eval_batches=1",
+    "eval.tokens=512",
     "train.log_interval=4",
     "train.checkpoint_interval=4",
     "batch.tokens_per_step=1024",
@@ -33,7 +36,7 @@ def test_search_grammar_maps_to_optuna():
             "optim.weight_decay": "interval(0.0, 0.2)",
             "norm.options.warmup_steps": "int(interval(0, 100))",
             "optim.beta2": "choice(0.95, 0.99)",
-            "train.eval_batches": "range(1, 9, 2)",
+            "train.steps": "range(1, 9, 2)",
             "seed": 3,
         }
     )
@@ -41,7 +44,7 @@ def test_search_grammar_maps_to_optuna():
     assert space["optim.weight_decay"] == od.FloatDistribution(0.0, 0.2)
     assert space["norm.options.warmup_steps"] == od.IntDistribution(0, 100)
     assert space["optim.beta2"] == od.CategoricalDistribution([0.95, 0.99])
-    assert space["train.eval_batches"] == od.IntDistribution(1, 7, step=2)
+    assert space["train.steps"] == od.IntDistribution(1, 9, step=2)  # stop included
     assert "seed" not in space  # a plain value is not searched
 
 
@@ -59,7 +62,7 @@ def test_plan_cells_are_the_grid_product():
         "norm=layernorm,batch=b4",
         "norm=layernorm,batch=b16",
     ]
-    assert len(plan.cells) == 6 and plan.trial_budget == 6 * (5 + 3)  # conf/sweep.yaml
+    assert len(plan.cells) == 6 and plan.trial_budget == 6 * (8 + 3)  # conf/sweep.yaml
 
 
 @pytest.mark.parametrize(
@@ -161,7 +164,9 @@ def assert_complete(facts, n_trials, confirm_seeds):
         assert len(search) == n_trials, name
         assert all(t.state.is_finished() for t in search), name
         assert len({t.number for t in search}) == n_trials  # no duplicate trial numbers
-        assert sorted(t.user_attrs["seed"] for t in cell["confirm"]) == list(range(confirm_seeds))
+        confirm = sorted(t.user_attrs["seed"] for t in cell["confirm"])
+        assert confirm == [confirm_seed(0, i) for i in range(confirm_seeds)]  # 1..k
+        assert not set(confirm) & {t.user_attrs["seed"] for t in search}  # fresh seeds
     assert not [r for r in facts["runs"] if r.info.status == "RUNNING"]
 
 
@@ -355,7 +360,7 @@ def test_sweep_on_postgresql_storage(tmp_path, postgres_url):
     "params",
     [
         {"optim.lr": 0.00123, "optim.weight_decay": 0.05},
-        {"norm.options.warmup_steps": 7, "train.eval_batches": 3},  # an option of one norm
+        {"norm.options.warmup_steps": 7, "train.steps": 3},  # an option of one norm
         {"batch": "b16", "optim.lr": 0.002},  # a config group: the full compose
     ],
 )
@@ -379,3 +384,73 @@ def test_trial_config_equals_composing_the_trial_overrides(tmp_path, params):
     expected = validate(to_run_config(compose(trial_overrides(manifest, cell, params, 3), "sweep")))
     assert worker.trial_config(cell, params, 3) == expected
     assert worker.trial_config(cell, {}, 3) != expected  # the cached tree was not modified
+
+
+EDGE_SPACE = "++search.params={train.steps: 'int(interval(11, 12))', optim.lr: 'choice(3e-3)'}"
+
+
+@pytest.mark.slow
+def test_sweep_flags_a_best_value_at_an_edge(tmp_path):
+    """Every value of a two-point range lies at an edge: the sweep's last lines name the cell,
+    the key and the edge, with the override that widens it, and the table carries at_edge."""
+    p = bln_sweep(
+        "norm=layernorm",
+        "sweep.grid={batch: b4}",  # one cell
+        "sweep.name=edge",
+        "search.n_trials=2",
+        "search.confirm_seeds=2",
+        "search.pruner=none",
+        EDGE_SPACE,
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    cell = sweep_facts(tmp_path / "sweeps" / "edge")["cells"]["batch=b4"]
+    best = min((t for t in cell["search"] if t.value is not None), key=lambda t: t.value)
+    steps = best.params["train.steps"]
+    edge = {11: "low", 12: "high"}[steps]
+    tail = p.stdout.split("browse the runs")[0]
+    line = next(x for x in tail.splitlines() if x.startswith("at edge: batch=b4: "))
+    assert f"train.steps={steps} lies in the {edge} tenth of int(interval(11, 12))" in line
+    wider = "int(interval(11, 14))" if edge == "high" else "int(interval(9, 12))"
+    assert f"\"search.params={{train.steps: '{wider}'}}\"" in line
+
+    table = subprocess.run(
+        [sys.executable, "-m", "analysis", "edge", "--format", "csv", "--baseline", "none"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert table.returncode == 0, table.stderr
+    row = pd.read_csv(StringIO(table.stdout), keep_default_na=False).iloc[0]
+    assert row["at_edge"] == f"train.steps:{edge}"
+    assert row["n_seeds"] == 2
+
+
+@pytest.mark.slow
+def test_expand_edges_widens_the_range_in_the_same_study(tmp_path):
+    """search.expand_edges: a cell whose best is at an edge gets expand_trials more trials, asked
+    with the widened range, in the same study; once."""
+    import optuna.distributions as od
+
+    p = bln_sweep(
+        "norm=layernorm",
+        "sweep.grid={batch: b4}",
+        "sweep.name=expand",
+        "search.n_trials=2",
+        "search.confirm_seeds=0",
+        "search.pruner=none",
+        "search.expand_edges=true",
+        "search.expand_trials=2",
+        EDGE_SPACE,
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    trials = sweep_facts(tmp_path / "sweeps" / "expand")["cells"]["batch=b4"]["search"]
+    assert len(trials) == 2 + 2
+    first = {t.distributions["train.steps"] for t in trials[:2]}
+    later = {t.distributions["train.steps"] for t in trials[2:]}
+    assert first == {od.IntDistribution(11, 12)}
+    assert later in ({od.IntDistribution(11, 14)}, {od.IntDistribution(9, 12)})
