@@ -47,8 +47,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sweeps-dir", default="sweeps", help="where bln-sweep keeps sweeps")
     p.add_argument(
         "--metric",
-        default="val/loss",
-        help="headline metric (default val/loss; val/loss@batch and val/loss:batch both work)",
+        help="headline metric (default test/loss, the held-out split, where the runs logged it;"
+        " else val/loss; test/loss@batch and test/loss:batch both work)",
+    )
+    p.add_argument(
+        "--holm-family",
+        default="all",
+        choices=["all", "regime"],
+        help="Holm's correction over every comparison of the table (all, default) or within"
+        " each batch/seq regime; the caption says which",
     )
     p.add_argument("--baseline", default="layernorm", help="norm to compare with, or 'none'")
     p.add_argument("--axes", help="cell axes, comma-separated (default: found from the runs)")
@@ -100,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
 
     baseline = None if args.baseline.lower() == "none" else args.baseline
     axes = [a.strip() for a in args.axes.split(",")] if args.axes else None
-    table = comparison_table(runs, logical_metric_name(args.metric), baseline, axes=axes)
+    metric = logical_metric_name(args.metric) if args.metric else _default_metric(runs)
+    table = comparison_table(runs, metric, baseline, axes=axes, holm_family=args.holm_family)
     if args.out:
         for path in write(table, formats, Path(args.out), stem=name):
             print(path, file=sys.stderr)
@@ -112,6 +120,15 @@ def run(args: argparse.Namespace) -> int:
         for path in _plots(table, runs, uri, out, args.via):
             print(path, file=sys.stderr)
     return 0
+
+
+def _default_metric(runs) -> str:
+    """test/loss (the held-out split selection never read) when any run logged it; runs from
+    before the split existed only have val/loss."""
+    from analysis.contract import HEADLINE_METRIC, TEST_METRIC
+
+    logged = TEST_METRIC in runs and runs[TEST_METRIC].notna().any()
+    return TEST_METRIC if logged else HEADLINE_METRIC
 
 
 def _store(args) -> tuple[str, Path | None]:
@@ -147,6 +164,7 @@ def _plots(table, runs, uri: str, out: Path, via: str) -> list[Path]:
     from analysis.plots import plot_all
 
     metric = table.attrs["metric"]
+    # learning curves: the selection split (the test split is scored once, at the end)
     curve = metric if metric.startswith("val/") else HEADLINE_METRIC
     kind = runs["kind"].fillna("single") if "kind" in runs else None
     chosen = runs if kind is None else runs[kind == table.attrs["replicates"]]

@@ -32,6 +32,7 @@ TAG_COLUMNS = {
     "leaky": "boolean",
     "device": "str",
     "n_devices": "Int64",
+    "at_edge": "str",  # confirm runs: searched keys whose best value is at an edge of the range
 }
 PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
@@ -41,6 +42,9 @@ NORM, BATCH, SEQ, SEED = "norm.name", "batch.size", "seq.len", "seed"
 MAIN_AXES = (NORM, BATCH, SEQ)
 
 HEADLINE_METRIC = "val/loss"  # validation loss with population statistics (model.eval())
+TEST_METRIC = "test/loss"  # the held-out split a sweep's tables report (selection never reads it)
+SPLITS = ("val", "test")  # val: selection (search, pruner); test: reporting
+HOLM_FAMILIES = ("all", "regime")  # one family for the whole table, or one per batch/seq regime
 BATCH_STATS_METRIC = "val/loss@batch"  # train-mode forward: current-batch statistics
 TOKENS_PER_S = "perf/tokens_per_s"
 WALL_S = "perf/wall_s"

@@ -2,8 +2,9 @@
 
 CSV and JSON carry the full numeric table, exactly (they parse back to the same numbers). The
 Markdown, LaTeX and HTML views are for reading: the headline metric as `mean ± CI half-width`,
-Δ vs the baseline with its CI, p-values with the test used, leaky norms marked †, the best value
-of each column in bold, then the norm × batch-size and norm × sequence-length pivots.
+Δ vs the baseline with its CI, p-values with the test used, leaky norms marked †, a best
+trial whose searched value lies at an edge of its range marked ‡, the best value of each column
+in bold, then the norm × batch-size and norm × sequence-length pivots.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ LEAKY_MARK = "†"
 LEAKY_NOTE = (
     f"{LEAKY_MARK} leaky: in training, this norm's batch statistics see future tokens (MLflow "
     "tag leaky=true), which the model can learn to exploit; read its numbers with care."
+)
+EDGE_MARK = "‡"
+EDGE_NOTE = (
+    f"{EDGE_MARK} at edge: the best value of a searched parameter lies in the outer tenth of its "
+    "range (column at_edge), so the cell's optimum may lie outside it; widen the range "
+    "(bln-sweep prints the override; search.expand_edges=true does it) before reading its Δ."
 )
 AXIS_LABELS = {NORM: "norm", BATCH: "batch", SEQ: "seq"}
 PIVOT_AXES = (BATCH, SEQ)
@@ -49,6 +56,8 @@ def render(table: pd.DataFrame, fmt: str, title: str | None = None) -> str:
             label = "micro-batch size" if axis == BATCH else "sequence length"
             views.append((f"{metric}: norm × {label}", *pivot_display(table, axis)))
     note = LEAKY_NOTE if "leaky" in table and table["leaky"].fillna(False).any() else None
+    if _edges(table).any():
+        note = f"{note}\n\n{EDGE_NOTE}" if note else EDGE_NOTE
     return {"md": _markdown, "tex": _latex, "html": _html}[fmt](views, note)
 
 
@@ -143,15 +152,16 @@ def display(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
             f"{_g(p)}{' *' if s is not pd.NA and s else ''}" if np.isfinite(p) else "—"
             for p, s in zip(table["p_holm"], table["significant"], strict=True)
         ]
-    for m in [c for c in table.columns if c.startswith("val/loss")]:
+    for m in [c for c in table.columns if c.startswith(("val/loss", "test/loss"))]:
         cols[m] = [_f(v) for v in table[m]]
         best[m] = _best(table[m], False)
     if "batch_gap" in table:
         cols["batch − pop. gap"] = [_f(v) for v in table["batch_gap"]]
     if table["best_params"].notna().any():
+        at_edge = _edges(table)
         cols["best trial"] = [
-            "—" if not isinstance(p, str) else f"{p} ({_f(v)})"
-            for p, v in zip(table["best_params"], table["best_value"], strict=True)
+            "—" if not isinstance(p, str) else f"{p} ({_f(v)})" + (f" {EDGE_MARK}" if e else "")
+            for p, v, e in zip(table["best_params"], table["best_value"], at_edge, strict=True)
         ]
     cols["runs ok/pruned/div/failed"] = [
         f"{r.n_finished}/{r.n_pruned}/{r.n_diverged}/{r.n_failed}" for r in table.itertuples()
@@ -211,11 +221,23 @@ def _title(table: pd.DataFrame) -> str:
     seeds = "confirm runs" if a.get("replicates") == "confirm" else "runs"
     text = f"{metric}: mean ± {pct} t-interval over the seeds of each cell's {seeds}"
     if baseline is not None:
+        family = (
+            "within each regime"
+            if a.get("holm_family") == "regime"
+            else "over all comparisons of the table"
+        )
         text += (
             f"; Δ vs {baseline} in the same regime, Welch or seed-paired t-test, "
-            f"Holm-adjusted p (* < {a.get('alpha', 0.05)})"
+            f"Holm-adjusted p {family} (* < {a.get('alpha', 0.05)})"
         )
     return text
+
+
+def _edges(table: pd.DataFrame) -> pd.Series:
+    """Rows whose best trial has a searched value at an edge of its range."""
+    if "at_edge" not in table:
+        return pd.Series(False, index=table.index)
+    return table["at_edge"].fillna("").astype(str) != ""
 
 
 def _best(values: pd.Series, maximize: bool, also: float | None = None) -> pd.Series:
@@ -311,6 +333,7 @@ _TEX = {
     "—": "--",
     "×": r"$\times$",
     LEAKY_MARK: r"$^\dagger$",
+    EDGE_MARK: r"$^\ddagger$",
 }
 
 
@@ -332,7 +355,7 @@ def _latex(views, note) -> str:
             out.append(" & ".join(cells) + r" \\")
         out += ["\\bottomrule", "\\end{tabular}", ""]
     if note:
-        out.append(f"% {note}")
+        out += [f"% {line}" for line in note.splitlines() if line]
     return "\n".join(out) + "\n"
 
 
@@ -350,5 +373,5 @@ def _html(views, note) -> str:
             out.append("<tr>" + "".join(cells) + "</tr>")
         out += ["</tbody>", "</table>"]
     if note:
-        out.append(f"<p>{html.escape(note)}</p>")
+        out += [f"<p>{html.escape(para)}</p>" for para in note.split("\n\n")]
     return "\n".join(out) + "\n"

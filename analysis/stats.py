@@ -1,6 +1,6 @@
 """The statistics of a comparison table: t-intervals over seeds, Welch or paired t-tests against
-the baseline, Holm's step-down correction across all comparisons. scipy does the arithmetic;
-this module decides which test applies."""
+the baseline, Holm's step-down correction over a family of comparisons. scipy and statsmodels do
+the arithmetic; this module decides which test applies."""
 
 from __future__ import annotations
 
@@ -81,17 +81,16 @@ def compare(
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
-    """Holm's step-down adjustment over the finite p-values (NaN stays NaN): the i-th smallest
-    of m becomes max_{j<=i} min(1, (m - j + 1) p_(j)). Controls the family-wise error rate."""
+    """Holm's step-down adjustment over the finite p-values (NaN stays NaN), by statsmodels'
+    `multipletests(method="holm")`: the i-th smallest of m becomes
+    max_{j<=i} min(1, (m - j + 1) p_(j)). Controls the family-wise error rate."""
+    from statsmodels.stats.multitest import multipletests
+
     p = np.asarray(p_values, dtype=float)
     out = np.full_like(p, np.nan)
     idx = np.flatnonzero(np.isfinite(p))
-    m = len(idx)
-    if m == 0:
-        return out
-    order = idx[np.argsort(p[idx], kind="stable")]
-    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
-    out[order] = np.maximum.accumulate(scaled)
+    if len(idx):
+        out[idx] = multipletests(p[idx], method="holm")[1]
     return out
 
 

@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 
 from analysis.contract import (
-    BATCH_STATS_METRIC,
     CONFIRM,
     DIVERGED,
     FAILED,
     FINISHED,
     HEADLINE_METRIC,
+    HOLM_FAMILIES,
     NORM,
     PRUNED,
     SEED,
@@ -45,7 +45,16 @@ from analysis.load import column_kinds
 from analysis.stats import compare, holm, summarize
 
 RUNNING = "running"
-_ROW_COLUMNS = {"cell", "leaky", "trial", "device", "n_devices", "start_time", "end_time"}
+_ROW_COLUMNS = {
+    "cell",
+    "leaky",
+    "at_edge",
+    "trial",
+    "device",
+    "n_devices",
+    "start_time",
+    "end_time",
+}
 
 
 def comparison_table(
@@ -56,6 +65,7 @@ def comparison_table(
     axes: Sequence[str] | None = None,
     confidence: float = 0.95,
     alpha: float = 0.05,
+    holm_family: str = "all",
 ) -> pd.DataFrame:
     """The ranked comparison table of a runs frame (see the module docstring for the rows).
 
@@ -65,12 +75,18 @@ def comparison_table(
         values of every axis but the norm's own); None for no comparisons.
     axes: the cell axes; default: norm.name, batch.size, seq.len and every other param that
         splits cells (constant within a cell, not searched, not implied by the other axes).
+    holm_family: "all" corrects every comparison of the table together; "regime" each regime's
+        (the same values of every axis but the norm) separately. The caption says which.
 
     Rows are sorted by regime, then rank (1 = best in the regime). `table.attrs` records the
     metric, baseline, axes and confidence. Raises AnalysisError for a metric no run has, a
     baseline that is not in the selection, or a selection without training runs.
     """
     metric = logical_metric_name(metric)
+    if holm_family not in HOLM_FAMILIES:
+        raise AnalysisError(
+            f"holm family {holm_family!r}: valid choices: {', '.join(HOLM_FAMILIES)}"
+        )
     kinds = column_kinds(runs)
     params = kinds["params"]
     kind = runs["kind"].fillna(SINGLE) if "kind" in runs else pd.Series(SINGLE, index=runs.index)
@@ -129,6 +145,7 @@ def comparison_table(
                 f"{', '.join(map(str, norms)) or 'none (no norm.name param)'}"
             )
     _compare_to_baseline(table, replicates, baseline, regime, maximize, confidence, alpha)
+    _adjust(table, regime if holm_family == "regime" else [], alpha)
     table["rank"] = _ranks(table, regime, maximize)
     table = _sort(table, regime, maximize)
     table.attrs.update(
@@ -140,6 +157,7 @@ def comparison_table(
         alpha=alpha,
         replicates=rep_kind,
         higher_is_better=maximize,
+        holm_family=holm_family,
     )
     return table[_column_order(table, axes)]
 
@@ -244,6 +262,7 @@ def _cell_row(
     row["cell"] = g["cell"].dropna().iloc[0] if "cell" in g and g["cell"].notna().any() else None
     row["leaky"] = bool(g["leaky"].fillna(False).any()) if "leaky" in g else False
     reps = g[g["_kind"] == rep_kind]
+    row["at_edge"] = _at_edge(reps)
     used = reps[(reps["_outcome"] == FINISHED) & np.isfinite(reps[metric].astype(float))]
     s = summarize(used[metric].to_numpy(float), confidence)
     row.update(
@@ -254,10 +273,13 @@ def _cell_row(
         ci_low=s.ci_low,
         ci_high=s.ci_high,
     )
-    for m in sorted(c for c in g.columns if c.startswith("val/loss") and c != metric):
+    for m in sorted(c for c in g.columns if _is_split_loss(c) and c != metric):
         row[m] = _mean(used[m])
-    if BATCH_STATS_METRIC in g and HEADLINE_METRIC in g:
-        gap = summarize((used[BATCH_STATS_METRIC] - used[HEADLINE_METRIC]).to_numpy(float))
+    # the train/inference gap on the split the table reports (val for val metrics)
+    split = metric.split("/", 1)[0] if metric.startswith("test/") else "val"
+    pop, batch = f"{split}/loss", f"{split}/loss@batch"
+    if batch in g and pop in g:
+        gap = summarize((used[batch] - used[pop]).to_numpy(float))
         row.update(batch_gap=gap.mean, batch_gap_ci_low=gap.ci_low, batch_gap_ci_high=gap.ci_high)
     row.update(_best_trial(g, metric, varied))
     counts = g["_outcome"].value_counts()
@@ -335,7 +357,16 @@ def _compare_to_baseline(
             c = compare(x["values"], y["values"], x["seeds"], y["seeds"], confidence)
             table.loc[i, cols] = [c.delta, c.ci_low, c.ci_high, c.p_value]
             table.loc[i, "test"] = c.test
-    table["p_holm"] = holm(table["p_value"].to_numpy(float))
+
+
+def _adjust(table: pd.DataFrame, family: list[str], alpha: float) -> None:
+    """Holm-adjusted p-values within each family: the whole table (family = []) or each regime
+    (family = the regime axes)."""
+    if "p_holm" in table:  # no baseline: nothing was compared
+        return
+    table["p_holm"] = np.nan
+    for idx in table.groupby(_regime_keys(table, family), sort=False).groups.values():
+        table.loc[idx, "p_holm"] = holm(table.loc[idx, "p_value"].to_numpy(float))
     sig = pd.array(table["p_holm"] < alpha, dtype="boolean")
     sig[np.isnan(table["p_holm"].to_numpy(float))] = pd.NA
     table["significant"] = sig
@@ -363,6 +394,7 @@ def _column_order(table: pd.DataFrame, axes: list[str]) -> list[str]:
         *axes,
         "cell",
         "leaky",
+        "at_edge",
         "rank",
         "n_seeds",
         "n_replicates",
@@ -378,7 +410,7 @@ def _column_order(table: pd.DataFrame, axes: list[str]) -> list[str]:
         "p_holm",
         "significant",
     ]
-    modes = sorted(c for c in table.columns if c.startswith("val/loss"))
+    modes = sorted(c for c in table.columns if _is_split_loss(c))
     tail = [
         "batch_gap",
         "batch_gap_ci_low",
@@ -397,6 +429,21 @@ def _column_order(table: pd.DataFrame, axes: list[str]) -> list[str]:
         "tokens_per_s",
     ]
     return [c for c in [*head, *modes, *tail] if c in table.columns]
+
+
+def _is_split_loss(column: str) -> bool:
+    """A held-out loss column: `val/loss...` (selection) or `test/loss...` (reporting)."""
+    return column.startswith(("val/loss", "test/loss"))
+
+
+def _at_edge(reps: pd.DataFrame) -> str:
+    """The replicates' `at_edge` tag (searched keys whose best value is at an edge of its
+    range, e.g. `optim.lr:high`); "" when none is, or the runs do not say."""
+    if "at_edge" not in reps:
+        return ""
+    tags = reps["at_edge"].dropna().astype(str)
+    tags = tags[tags != ""]
+    return tags.iloc[0] if len(tags) else ""
 
 
 def _mean(values: pd.Series) -> float:

@@ -666,3 +666,62 @@ def test_cli_help_does_not_import_pandas_or_torch():
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "--metric" in p.stdout and "--baseline" in p.stdout
+
+
+# ---- the search design in the tables: Holm families, edges, the held-out split ------------------
+
+
+def test_holm_family_regime_corrects_each_regime_and_the_caption_says_which(runs, table):
+    from analysis.export import render
+
+    by_regime = comparison_table(runs, holm_family="regime")
+    for _, g in by_regime.groupby(["batch.size", "seq.len"]):
+        np.testing.assert_allclose(
+            g["p_holm"].to_numpy(float), holm(g["p_value"].to_numpy(float)), rtol=1e-12
+        )
+    # one family per regime: fewer comparisons each, so never a larger adjusted p
+    merged = table.merge(by_regime, on=["norm.name", "batch.size", "seq.len"])
+    finite = merged["p_holm_x"].notna()
+    assert (merged.loc[finite, "p_holm_y"] <= merged.loc[finite, "p_holm_x"] + 1e-15).all()
+    assert (merged.loc[finite, "p_holm_y"] < merged.loc[finite, "p_holm_x"]).any()
+    assert "Holm-adjusted p over all comparisons of the table" in render(table, "md")
+    assert "Holm-adjusted p within each regime" in render(by_regime, "md")
+    assert by_regime.attrs["holm_family"] == "regime"
+    with pytest.raises(AnalysisError, match="holm family 'cells': valid choices: all, regime"):
+        comparison_table(runs, holm_family="cells")
+
+
+def test_best_value_at_an_edge_is_a_column_and_a_mark(runs):
+    from analysis.export import EDGE_NOTE, render
+
+    flagged = runs.copy()
+    cell = "norm=bln,batch=b16,seq=s256"
+    flagged["at_edge"] = None
+    flagged.loc[(flagged["kind"] == "confirm") & (flagged["cell"] == cell), "at_edge"] = (
+        "optim.lr:high"
+    )
+    t = comparison_table(flagged)
+    assert t.loc[t["cell"] == cell, "at_edge"].tolist() == ["optim.lr:high"]
+    assert set(t.loc[t["cell"] != cell, "at_edge"]) == {""}
+    back = pd.read_csv(StringIO(render(t, "csv")), keep_default_na=False)
+    assert back.loc[back["cell"] == cell, "at_edge"].tolist() == ["optim.lr:high"]
+    assert json.loads(render(t, "json"))["rows"][0]["at_edge"] is not None
+    md = render(t, "md")
+    assert md.count(" ‡ |") == 1 and EDGE_NOTE in md
+    assert "$^\\ddagger$" in render(t, "tex") and "‡" in render(t, "html")
+    assert "‡" not in render(comparison_table(runs), "md")  # nothing flagged, no mark, no note
+
+
+def test_tables_default_to_the_test_split_when_runs_logged_it(runs):
+    from analysis.cli import _default_metric
+
+    assert _default_metric(runs) == "val/loss"  # runs from before the split existed
+    with_test = runs.copy()
+    with_test["test/loss"] = with_test["val/loss"] + 0.01
+    with_test["test/loss@batch"] = with_test["val/loss@batch"] + 0.01
+    assert _default_metric(with_test) == "test/loss"
+    t = comparison_table(with_test, metric="test/loss")
+    assert {"val/loss", "val/loss@batch", "test/loss@batch"} <= set(t.columns)
+    # the train/inference gap is taken on the split the table reports
+    row = t.iloc[0]
+    assert row["batch_gap"] == pytest.approx(row["test/loss@batch"] - row["mean"], abs=1e-9)
