@@ -15,7 +15,8 @@ Two sources, picked by `data.name`:
 Batches are independent random windows, one per row, never one contiguous chunk reshaped to (B, T):
 with contiguous rows, row b+1 continues row b, and a norm with batch statistics leaks the target of
 the last position (research/NORMS.md §8.3). The sampler's RNG state is checkpointed, so a resumed
-run sees exactly the batches it would have seen. Validation uses one fixed set of windows.
+run sees exactly the batches it would have seen. The held-out tokens are cut in two (`eval_splits`):
+val (selection) and test (reporting), each a fixed set of windows (`eval_windows`).
 
 Importing this module does not import torch (only `get_batch` does): `bln-prepare --help` stays
 light.
@@ -413,13 +414,6 @@ class BatchSampler:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed, self.batches = state["seed"], state["batches"]
         self.rng.bit_generator.state = state["rng"]
-
-
-def val_batches(tokens: Tokens, batch_size: int, seq_len: int, n_batches: int, seed: int = 0):
-    """The fixed validation set: `n_batches` (x, y) pairs, the same windows on every call, so every
-    evaluation of every run with this (batch_size, seq_len) sees the same data."""
-    rng = np.random.default_rng(seed)
-    return [get_batch(tokens, batch_size, seq_len, rng) for _ in range(n_batches)]
 
 
 def eval_splits(tokens: Tokens) -> dict[str, list[np.ndarray]]:

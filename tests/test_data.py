@@ -20,11 +20,11 @@ from bln_sweeps.data import (
     build_data,
     check_data,
     check_vocab,
+    eval_windows,
     get_batch,
     main,
     read_shard,
     synthetic_tokens,
-    val_batches,
     write_shard,
 )
 
@@ -163,14 +163,14 @@ def test_sampler_state_resumes_the_batch_sequence_exactly():
     assert not torch.equal(first[0][0], other)
 
 
-def test_val_batches_are_fixed():
+def test_eval_windows_are_fixed():
     tokens = synthetic_tokens(20_000, V, 0, "val")
-    a, b = val_batches(tokens, 4, 64, 3), val_batches(tokens, 4, 64, 3)
-    assert len(a) == 3
-    assert all(
-        torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b, strict=True)
-    )
-    assert not torch.equal(a[0][0], a[1][0])
+    (xa, ya), (xb, yb) = eval_windows(tokens, 64, 640), eval_windows(tokens, 64, 640)
+    assert xa.shape == ya.shape == (10, 64)  # 640 tokens // 64
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.equal(xa[:, 1:], ya[:, :-1])  # y is x shifted by one
+    assert not torch.equal(xa[0], xa[1])
+    assert eval_windows(tokens, 64, 10)[0].shape == (1, 64)  # at least one window
 
 
 def test_build_data_synthetic_reuses_the_cached_corpus():
