@@ -20,6 +20,7 @@ import pytest
 from bln_sweeps.config import ConfigError
 from launchers import slurm, snapshot
 from launchers.submit import gpu_assignment, visible_gpus
+from tests.conftest import service_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -280,13 +281,13 @@ def slurm_cluster():
     state = _cluster_state() if shutil.which("sbatch") else "no sbatch on PATH"
     if not any(s in state for s in ("idle", "mixed", "alloc")):
         if os.geteuid() != 0:
-            pytest.skip(f"no SLURM cluster ({state}) and not root to start one")
+            service_missing(f"no SLURM cluster ({state}) and not root to start one")
         p = subprocess.run(
             [str(SCRIPTS / "slurm-up.sh")], capture_output=True, text=True, timeout=600
         )
         if p.returncode != 0:
             tail = (p.stderr or p.stdout).strip().splitlines()[-1:]
-            pytest.skip(f"could not start SLURM with slurm-up.sh: {' '.join(tail)}")
+            service_missing(f"could not start SLURM with slurm-up.sh: {' '.join(tail)}")
     return slurm.partition_limits(None)
 
 
@@ -303,7 +304,7 @@ def test_requests_over_the_partition_limits_are_rejected(slurm_cluster):
     try:
         short = slurm.partition_limits("short")
     except ConfigError:
-        pytest.skip("this cluster has no partition `short` (start it with slurm-up.sh)")
+        service_missing("this cluster has no partition `short` (start it with slurm-up.sh)")
     cpu = {**launcher(partition="short"), "gpus_per_worker": 0, "cpus_per_worker": 1}
     slurm.check({**cpu, "timeout_min": int(short["max_minutes"])})
     cases = [

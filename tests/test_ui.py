@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from launchers.ui import server_command
+from tests.conftest import service_missing
 from tests.test_sweep import FAST, assert_complete, bln_sweep, sweep_facts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +214,7 @@ def port_is_free(port: int) -> bool:
 
 def chromium():
     if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        pytest.skip(
+        service_missing(
             f"needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install -y chromium chromium-driver"
         )
     webdriver = pytest.importorskip("selenium.webdriver", reason="needs pip install selenium")
@@ -315,7 +316,7 @@ def postgres_or_skip() -> None:
     try:
         socket.create_connection((u.hostname, u.port or 5432), timeout=3).close()
     except OSError as e:
-        pytest.skip(f"PostgreSQL not reachable at {u.hostname}:{u.port or 5432} ({e})")
+        service_missing(f"PostgreSQL not reachable at {u.hostname}:{u.port or 5432} ({e})")
 
 
 def drop_databases(*names: str) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bln_sweeps.checkpoint import CKPT_NAME, load
+from tests.conftest import service_missing
 from tests.faults.conftest import cli
 
 STEPS, EVERY = 8, 2
@@ -33,7 +34,7 @@ RUN = [
 def small_disk(tmp_path):
     """mount(size) -> a tmpfs of that many bytes under tmp_path; unmounted afterwards."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root")
+        service_missing("mounting a size-limited tmpfs needs root")
     mnt = tmp_path / "disk"
     mnt.mkdir()
     mounted = []
@@ -44,7 +45,7 @@ def small_disk(tmp_path):
             ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], capture_output=True, text=True
         )
         if p.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+            service_missing(f"cannot mount a tmpfs here: {p.stderr.strip()}")
         mounted.append(size)
         return mnt
 
