@@ -244,11 +244,32 @@ def server_command(uri: str, host: str, port: int, sweep_dir: Path) -> list[str]
     ]
     if not is_loopback(host):
         # MLflow 3 answers 403 to Host headers other than localhost and private IPs; a user
-        # who binds another interface reaches it by this machine's name.
-        names = {socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1"}
-        allowed = sorted(names | {f"{n}:*" for n in names})
-        cmd += ["--allowed-hosts", ",".join([*allowed, "10.*", "192.168.*", "172.*"])]
+        # who binds another interface reaches it by this machine's name or address.
+        cmd += ["--allowed-hosts", ",".join(allowed_hosts(host, port))]
     return cmd
+
+
+def allowed_hosts(host: str, port: int) -> list[str]:
+    """The Host headers the UI answers when bound beyond loopback: this machine's names and
+    addresses, bare and with the port, spelled out. No wildcard: MLflow matches entries with
+    '*' by fnmatch, so `10.*` would also admit a DNS name like `10.attacker.example` (DNS
+    rebinding), and `name:*` any text after the colon."""
+    names = {socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1", "::1"}
+    if host not in ("0.0.0.0", "::"):
+        names.add(host)
+    for name in list(names):
+        try:
+            names.update(i[4][0].split("%")[0] for i in socket.getaddrinfo(name, None))
+        except OSError:
+            continue
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:  # the address of the default route (a UDP connect sends nothing)
+            s.connect(("10.255.255.255", 1))
+            names.add(s.getsockname()[0])
+        except OSError:
+            pass
+    spelled = {f"[{n}]" if ":" in n else n for n in names if n}
+    return sorted(spelled | {f"{n}:{port}" for n in spelled})
 
 
 def wait_ready(proc: subprocess.Popen, base: str, log: Path) -> None:

@@ -120,6 +120,27 @@ def test_another_interface_needs_the_flag_and_warns_of_no_authentication(tmp_pat
     assert "--allowed-hosts" not in server_command("sqlite:///x.db", "127.0.0.1", 5000, tmp_path)
 
 
+def test_the_host_allow_list_names_this_machine_and_admits_no_other_dns_name(tmp_path):
+    """Checked with MLflow's own matcher: the entries admit this machine's names and addresses
+    (with the port), and no wildcard lets a DNS name that merely starts like one in."""
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    cmd = server_command("sqlite:///x.db", "0.0.0.0", 5000, tmp_path)
+    allowed = cmd[cmd.index("--allowed-hosts") + 1].split(",")
+    assert not [a for a in allowed if "*" in a], allowed
+    for ok in (socket.gethostname(), f"{socket.gethostname()}:5000", "127.0.0.1:5000"):
+        assert is_allowed_host_header(allowed, ok), ok
+    for evil in (
+        "10.attacker.example",
+        "192.168.1.1.nip.io:5000",
+        "172.evil.example",
+        f"{socket.gethostname()}.attacker.example",
+        f"{socket.gethostname()}:5000.attacker.example",
+        "localhost:6000",
+    ):
+        assert not is_allowed_host_header(allowed, evil), evil
+
+
 def test_refused_tracking_server_is_rejected(tmp_path):
     port = free_port()  # nothing listens there: connection refused
     write_manifest(tmp_path, "s", f"http://127.0.0.1:{port}")
