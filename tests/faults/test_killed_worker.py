@@ -1,9 +1,10 @@
 """A worker killed between the start of its trial's MLflow run and the trial's first checkpoint.
 
 tests/test_sweep.py kills a worker after its trial checkpointed (case 1): the retry resumes the
-checkpoint and, with it, the same MLflow run. Before the first checkpoint there is nothing to
-resume: the retry trains from scratch in a new MLflow run, and the dead one is never ended. On a
-real model that window is every trial's first `train.checkpoint_interval` steps (100 by default).
+checkpoint and, with it, the same MLflow run. Before the first checkpoint there is no
+checkpoint, but the run id is kept beside it from the moment the run exists: the retry trains
+from step 0 in the same MLflow run, so no run is left RUNNING and none is duplicated. On a real
+model that window is every trial's first `train.checkpoint_interval` steps (100 by default).
 """
 
 import os
