@@ -118,6 +118,27 @@ def hydra_main(argv: list[str]) -> int:
             print(f"  reason: {result['status_reason']}")
         return result.get("val/loss")
 
-    sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *hide_url_passwords(argv)]
     task()
     return 0
+
+
+def hide_url_passwords(argv: list[str]) -> list[str]:
+    """Hydra writes every override to `outputs/.../.hydra/` (overrides.yaml, config.yaml,
+    hydra.yaml). An override whose value holds a URL password is handed to Hydra as
+    `${oc.env:BLN_URL_SECRET_<n>}` instead, the real value in that environment variable (this
+    process and the jobs it starts inherit it; provenance never reads *SECRET* variables), so
+    the run resolves the real URL and Hydra's files only ever see the interpolation."""
+    import os
+
+    from bln_sweeps.credentials import mask_text
+
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and not arg.startswith("-") and mask_text(value) != value:
+            name = f"BLN_URL_SECRET_{len(out)}"
+            os.environ[name] = value.strip("'\"")
+            arg = f"{key}=${{oc.env:{name}}}"
+        out.append(arg)
+    return out

@@ -331,3 +331,45 @@ def test_a_random_url_password_is_found_nowhere_but_in_the_private_file(tmp_path
         for db in dbs:
             admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         admin.close()
+
+
+@pytest.mark.slow
+def test_a_url_password_given_to_bln_train_is_found_nowhere(tmp_path):
+    """`bln-train tracking.uri=postgresql://u:<password>@...`: the password used to land in the
+    config.yaml artifact, the checkpoint and Hydra's .hydra/ files. Every file the run writes
+    (checkpoint included: torch stores its pickle uncompressed), the MLflow database and the
+    output are scanned for each random part of it."""
+    from urllib.parse import quote
+
+    parts = [uuid.uuid4().hex[:12] for _ in range(2)]
+    password = f"{parts[0]}/:@?#{parts[1]}"
+    admin = pg_admin()
+    db = f"leak_{uuid.uuid4().hex[:8]}"
+    admin.execute(f'CREATE DATABASE "{db}"')
+    try:
+        uri = f"postgresql://postgres:{quote(password, safe='/:')}@127.0.0.1:5432/{db}"
+        p = cli(
+            "bln_sweeps.train",
+            *["train.steps=4", "train.eval_interval=2", "train.eval_batches=1", "seq.len=64"],
+            *["data.n_train_tokens=20000", "data.n_val_tokens=4000", "train.checkpoint_interval=2"],
+            f"tracking.uri={uri}",
+            cwd=tmp_path,
+        )
+        assert p.returncode == 0, p.stderr
+        written = sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*") if f.is_file())
+        assert any(f.endswith(".hydra/overrides.yaml") for f in written), written
+        assert any(f.endswith("ckpt.pt") for f in written) and any(
+            f.endswith("artifacts/config.yaml") for f in written
+        ), written
+        scanned = {
+            "files": b"\n".join(f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()),
+            "mlflow store": dump_database(admin, db),
+            "output": (p.stdout + p.stderr).encode(),
+        }
+        found = [
+            (w, part) for w, data in scanned.items() for part in parts if part.encode() in data
+        ]
+        assert not found, f"password parts found in: {found}"
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.close()
