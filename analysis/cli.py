@@ -12,7 +12,6 @@ Nothing heavy is imported before the arguments are read, so --help is instant on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def fail(message: str, code: int = 2):
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    from bln_sweeps.credentials import mask_text
+
+    print(f"{PROG}: error: {mask_text(message)}", file=sys.stderr)  # no URL password
     sys.exit(code)
 
 
@@ -91,14 +92,24 @@ def run(args: argparse.Namespace) -> int:
         known = _known_sweeps(args.sweeps_dir)
         raise AnalysisError(f"give a sweep name or --experiment NAME, one of them ({known})")
     formats = check_formats([f.strip() for f in args.format.split(",") if f.strip()])
+    if not formats:  # `--format ''` would print nothing and exit 0
+        raise AnalysisError(f"--format {args.format!r} names no format; give md,csv,tex,html,json")
+    if args.out:
+        _check_out(args.out)
     name = args.sweep or args.experiment
     uri, sweep_dir = _store(args)
+    _check_server(uri)
     try:
         runs = load_runs(name, uri, args.filter, via=args.via)
     except AnalysisError as e:
         if args.sweep and sweep_dir is None and str(e).startswith("no "):
             raise AnalysisError(f"no sweep {name!r}: {_known_sweeps(args.sweeps_dir)}; {e}") from e
         raise
+    except Exception as e:  # a damaged store (not a database, a missing table): one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise AnalysisError(
+            f"tracking store {uri} cannot be read: {type(e).__name__}: {first}"
+        ) from None
     if runs.empty:
         where = f" match filter {args.filter!r}" if args.filter else ""
         raise AnalysisError(f"no runs in experiment {name!r}{where} ({uri})")
@@ -131,6 +142,30 @@ def _default_metric(runs) -> str:
     return TEST_METRIC if logged else HEADLINE_METRIC
 
 
+def _check_out(out: str) -> None:
+    """--out must be a directory this process can write (a file on its way is one line)."""
+    from analysis.contract import AnalysisError
+    from bln_sweeps.config import ConfigError
+    from bln_sweeps.names import check_dir
+
+    try:
+        check_dir("--out", out)
+    except ConfigError as e:
+        raise AnalysisError(str(e)) from None
+
+
+def _check_server(uri: str) -> None:
+    """A tracking server that does not answer is one line within seconds, not minutes of the
+    client's retries."""
+    from analysis.contract import AnalysisError
+    from bln_sweeps.tracking import check_server
+
+    try:
+        check_server(uri)
+    except ValueError as e:
+        raise AnalysisError(f"--tracking-uri: {e}") from None
+
+
 def _store(args) -> tuple[str, Path | None]:
     """The tracking URI, and the sweep directory when the sweep's manifest was found."""
     sweep_dir = Path(args.sweeps_dir) / args.sweep if args.sweep else None
@@ -146,7 +181,13 @@ def _store(args) -> tuple[str, Path | None]:
         except ValueError as e:
             raise AnalysisError(f"--tracking-uri: {e}") from None
     if sweep_dir is not None:
-        return json.loads(manifest.read_text())["tracking_uri"], sweep_dir
+        from analysis.contract import AnalysisError
+        from bln_sweeps.search import load_manifest  # with the real URL (the file is masked)
+
+        try:
+            return load_manifest(sweep_dir)["tracking_uri"], sweep_dir
+        except (ValueError, KeyError) as e:
+            raise AnalysisError(f"{manifest} is not a sweep manifest ({e}); remove it") from None
     from analysis.load import default_tracking_uri
 
     return default_tracking_uri(), None

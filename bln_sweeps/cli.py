@@ -7,6 +7,7 @@ one line naming the key and the valid choices, exit code 2, before any run is cr
 """
 
 import sys
+from pathlib import Path
 
 from bln_sweeps.config import (
     CONF_DIR,
@@ -47,6 +48,7 @@ def check(overrides: list[str], config_name: str = "train") -> int:
     for point in points:
         cfg = validate(to_run_config(compose(point, config_name)))
         check_data(cfg)
+        check_run_names(cfg)
         try:
             factory = norm_factory(cfg)
             factory("ln_1"), factory("ln_f")
@@ -55,13 +57,31 @@ def check(overrides: list[str], config_name: str = "train") -> int:
     return len(points)
 
 
+def check_run_names(cfg) -> None:
+    """What a run's names and paths must be before a run exists: an experiment name MLflow
+    filters can quote, a writable out_dir (not a file), and a tracking server that answers."""
+    from bln_sweeps.names import check_dir, check_name
+    from bln_sweeps.tracking import check_server, resolve_tracking_uri
+
+    check_name("tracking.experiment", cfg.tracking.experiment, path=False)
+    check_dir("train.out_dir", cfg.train.out_dir)
+    if cfg.tracking.enabled:
+        uri = resolve_tracking_uri(cfg.tracking.uri, Path.cwd())
+        try:
+            check_server(uri)
+        except ValueError as e:
+            raise ConfigError("tracking.uri", cfg.tracking.uri, str(e)) from None
+
+
 def train_main(argv: list[str]) -> int:
     overrides, multirun, passthrough = split_argv(argv)
     if not passthrough:
         try:
             n = check(overrides)
         except ConfigError as e:
-            print(f"bln-train: error: {e}", file=sys.stderr)
+            from bln_sweeps.credentials import mask_text
+
+            print(f"bln-train: error: {mask_text(str(e))}", file=sys.stderr)
             return 2
         if n > 1 and not multirun:
             print("bln-train: error: comma lists need -m (multirun)", file=sys.stderr)
@@ -98,6 +118,27 @@ def hydra_main(argv: list[str]) -> int:
             print(f"  reason: {result['status_reason']}")
         return result.get("val/loss")
 
-    sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *hide_url_passwords(argv)]
     task()
     return 0
+
+
+def hide_url_passwords(argv: list[str]) -> list[str]:
+    """Hydra writes every override to `outputs/.../.hydra/` (overrides.yaml, config.yaml,
+    hydra.yaml). An override whose value holds a URL password is handed to Hydra as
+    `${oc.env:BLN_URL_SECRET_<n>}` instead, the real value in that environment variable (this
+    process and the jobs it starts inherit it; provenance never reads *SECRET* variables), so
+    the run resolves the real URL and Hydra's files only ever see the interpolation."""
+    import os
+
+    from bln_sweeps.credentials import mask_text
+
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and not arg.startswith("-") and mask_text(value) != value:
+            name = f"BLN_URL_SECRET_{len(out)}"
+            os.environ[name] = value.strip("'\"")
+            arg = f"{key}=${{oc.env:{name}}}"
+        out.append(arg)
+    return out

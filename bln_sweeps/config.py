@@ -8,6 +8,7 @@ point; `validate` then checks what a schema cannot (cross-field rules) and raise
 which every CLI prints as one line and exit code 2.
 """
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,8 @@ def _literal(value: Any) -> Any:
 
 
 def _positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(key, value, "must be > 0")
+    if not (value > 0 and math.isfinite(value)):  # inf would pass `> 0` and train on nan
+        raise ConfigError(key, value, "must be a finite number > 0")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -210,6 +211,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("batch.size", cfg.batch.size),
         ("seq.len", cfg.seq.len),
         ("model.n_layer", cfg.model.n_layer),
+        ("model.n_head", cfg.model.n_head),  # before `n_embd % n_head` divides by it
         ("model.n_embd", cfg.model.n_embd),
     ):
         _positive(key, value)
@@ -330,6 +332,8 @@ def _explain(
         chain.append(str(e))
         e = e.__cause__ or e.__context__
     text = " | ".join(chain)
+    # the innermost message that says something (some of Hydra's are empty)
+    last = next((c.strip() for c in reversed(chain) if c.strip()), type(err).__name__)
     if isinstance(err, MissingConfigException) and key in ALL_GROUPS:
         return ConfigError(
             key, value, f"unknown option; valid choices: {', '.join(group_options(key))}"
@@ -342,8 +346,8 @@ def _explain(
         parent, valid = _schema_keys(key, config_name, chosen[-1] if chosen else None)
         return ConfigError(key, value, f"unknown key; valid keys of {parent}: {', '.join(valid)}")
     if "could not be converted" in text or "Value '" in text:
-        return ConfigError(key, value, "wrong type: " + chain[-1].splitlines()[0])
-    return ConfigError(key, value, chain[-1].splitlines()[0])
+        return ConfigError(key, value, "wrong type: " + last.splitlines()[0])
+    return ConfigError(key, value, last.splitlines()[0])
 
 
 def compose(overrides: list[str], config_name: str = "train") -> Any:
@@ -381,17 +385,40 @@ def _guilty_override(overrides: list[str], config_name: str) -> str:
     return overrides[-1] if overrides else ""
 
 
+def _parse_overrides(overrides: list[str]) -> list:
+    """Hydra's parsed overrides; one that its grammar rejects (e.g. a look-alike letter from
+    another alphabet in `norm=layernorm`) is a ConfigError naming it, not a lexer traceback."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = []
+    for ov in overrides:
+        try:
+            parsed.extend(parser.parse_overrides([ov]))
+        except Exception as e:
+            key, _, value = ov.partition("=")
+            odd = sorted({c for c in ov if not c.isascii()})
+            why = f"non-ASCII {''.join(odd)!r}" if odd else str(e).strip().splitlines()[0]
+            key = key.lstrip("+~")
+            valid = (
+                f"valid choices: {', '.join(group_options(key))}"
+                if key in ALL_GROUPS
+                else "write it as key=value, quoting values with spaces or special characters"
+            )
+            raise ConfigError(key, value, f"cannot be parsed ({why}); {valid}") from None
+    return parsed
+
+
 def expand_grid(overrides: list[str]) -> list[list[str]]:
     """Hydra sweep syntax -> the list of plain override lists, one per grid point (Cartesian
     product, in command-line order, like Hydra's basic sweeper). Comma lists, range() and glob()
     expand; a searched distribution (interval, tag) is not a grid axis and is rejected here."""
     import itertools
 
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import Glob
 
     axes = []
-    for ov in OverridesParser.create().parse_overrides(overrides):
+    for ov in _parse_overrides(overrides):
         key = ov.get_key_element()
         if not ov.is_sweep_override():
             axes.append([ov.input_line])

@@ -263,7 +263,56 @@ class Heartbeat:
 
 
 def load_manifest(sweep_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(sweep_dir) / "manifest.json").read_text())
+    """The sweep's manifest with its real storage and tracking URLs (the manifest itself holds
+    masked ones; bln_sweeps.credentials)."""
+    from bln_sweeps.credentials import with_private
+
+    return with_private(json.loads((Path(sweep_dir) / "manifest.json").read_text()), sweep_dir)
+
+
+INFRA_RETRIES = 3  # a trial failed by the machine, not by its config, is tried this often more
+
+
+def infrastructure_error(error: BaseException) -> bool:
+    """True for failures of the machine rather than of the trial's config: a full or failing disk,
+    a tracking or storage backend that stopped answering. Such a trial is retried, not spent."""
+    if isinstance(error, OSError):  # ENOSPC, EIO, connection refused or reset, timeouts
+        return True
+    package = type(error).__module__.split(".")[0]
+    if package in ("sqlalchemy", "psycopg", "psycopg2", "requests", "urllib3"):
+        return True
+    # MLflow's client reports a backend it cannot reach as INTERNAL_ERROR or
+    # TEMPORARILY_UNAVAILABLE; bad values and missing runs have their own codes.
+    code = getattr(error, "error_code", None)
+    return package == "mlflow" and code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+
+
+def retry_after_infrastructure_error(study, trial, run_dir: str, seed, error) -> bool:
+    """Fail `trial` as retried and queue it again with the same params, seed and run directory
+    (so the retry resumes from its checkpoint in its MLflow run). False when `error` is not an
+    infrastructure error or the trial has been retried INFRA_RETRIES times already."""
+    from optuna.trial import TrialState
+
+    from bln_sweeps.credentials import mask_text
+
+    attempt = trial.user_attrs.get("infra_attempt", 0) + 1
+    if not infrastructure_error(error) or attempt > INFRA_RETRIES:
+        return False
+    store = study._storage
+    reason = mask_text(f"{type(error).__name__}: {error}")[:500]
+    store.set_trial_user_attr(trial._trial_id, "retried", True)
+    store.set_trial_user_attr(trial._trial_id, "status_reason", f"retried: {reason}")
+    study.tell(trial, state=TrialState.FAIL)
+    study.enqueue_trial(
+        trial.params,
+        user_attrs={
+            "retry_of": trial.number,
+            "run_dir": run_dir,
+            "seed": seed,
+            "infra_attempt": attempt,
+        },
+    )
+    return True
 
 
 def trial_overrides(manifest: dict, cell: dict, params: Mapping[str, Any], seed: int) -> list[str]:
@@ -509,9 +558,13 @@ class Worker:
             store.set_trial_state_values(trial._trial_id, TrialState.WAITING)
             raise
         except Exception as e:
+            if retry_after_infrastructure_error(study, trial, run_dir, seed, e):
+                return True
+            from bln_sweeps.credentials import mask_text
+
             store.set_trial_user_attr(trial._trial_id, "status", "failed")
             store.set_trial_user_attr(
-                trial._trial_id, "status_reason", f"{type(e).__name__}: {e}"[:500]
+                trial._trial_id, "status_reason", mask_text(f"{type(e).__name__}: {e}")[:500]
             )
             study.tell(trial, state=TrialState.FAIL)
             return True

@@ -44,6 +44,17 @@ except ImportError:  # not on Windows; only the SQLite first-open lock needs it
 
 log = logging.getLogger(__name__)
 
+
+class _MaskingFilter(logging.Filter):
+    """This module's warnings quote backend errors, which may quote a URL: mask its password."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = mask_credentials(record.getMessage()), None
+        return True
+
+
+log.addFilter(_MaskingFilter())
+
 # MLflow's own limits (mlflow/utils/validation.py, 3.17): per log_batch call, and per value.
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
@@ -108,13 +119,12 @@ def logical_metric_name(key: str) -> str:
 # Params
 
 
-# `user:password@` inside a URL, e.g. a server or storage URI in the config.
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]+@")
-
-
 def mask_credentials(text: str) -> str:
-    """`scheme://user:password@host` -> `scheme://***@host`: what may be logged of a URL."""
-    return _URL_CREDENTIALS.sub("***@", text)
+    """`scheme://user:password@host` -> `scheme://user:***@host`, for every URL in `text`: what
+    may be logged of it (bln_sweeps.credentials parses URLs as SQLAlchemy does)."""
+    from bln_sweeps.credentials import mask_text
+
+    return mask_text(text)
 
 
 def _param_value(value: Any) -> str:
@@ -189,6 +199,30 @@ def resolve_tracking_uri(uri: str | None, workdir: Path) -> str:
     if ":" in uri.split("/", 1)[0]:  # some other scheme, e.g. ftp:// or sqlite://host
         raise ValueError(f"tracking.uri={uri!r} is not supported. Accepted: {_ACCEPTED_URIS}")
     return f"sqlite:///{_sqlite_file(uri, workdir, uri)}"
+
+
+SERVER_TIMEOUT_S = 5.0  # a tracking server that does not answer /health in this long is down
+
+
+def check_server(uri: str, timeout_s: float = SERVER_TIMEOUT_S) -> None:
+    """Raise ValueError (one line) unless the MLflow server at an http(s) `uri` answers /health
+    within `timeout_s`: MlflowClient itself retries an unreachable server for minutes. Other
+    URIs are not servers and pass."""
+    if not uri.startswith(_SERVER_SCHEMES):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as e:
+        reason = f"HTTP {e.code} from /health"
+    except Exception as e:  # refused, timed out, or not a URL urllib can open at all
+        reason = str(getattr(e, "reason", e)) or type(e).__name__
+    raise ValueError(
+        f"tracking server {mask_credentials(uri)} does not answer within {timeout_s:g} s: {reason}"
+    )
 
 
 def _sqlite_file(path: str, workdir: Path, uri: str) -> Path:
@@ -452,8 +486,8 @@ class RunLogger:
         if parent_run_id:
             system["mlflow.parentRunId"] = parent_run_id  # how MLflow nests runs
         if description:
-            system["mlflow.note.content"] = description  # the run page's description
-        tags = {**{str(k): str(v) for k, v in (tags or {}).items()}, **system}
+            system["mlflow.note.content"] = mask_credentials(description)  # the run's page
+        tags = {**{str(k): mask_credentials(str(v)) for k, v in (tags or {}).items()}, **system}
         params = {str(k): _param_value(v) for k, v in (params or {}).items()}
         for k in tags:
             _check_key("tag", k)
@@ -475,7 +509,10 @@ class RunLogger:
             with contextlib.suppress(Exception):  # do not leave a half-made run RUNNING
                 client.set_terminated(run_id, "FAILED")
             raise
-        return cls(client, run_id, experiment_id, retry=retry, send_interval_s=send_interval_s)
+        logger = cls(client, run_id, experiment_id, retry=retry, send_interval_s=send_interval_s)
+        for started in getattr(_open_runs, "stack", [])[-1:]:  # inside ends_runs_on_error
+            started.append(logger)
+        return logger
 
     @staticmethod
     def disabled() -> NullRunLogger:
@@ -500,8 +537,8 @@ class RunLogger:
         self._enqueue(lambda q: q.metrics.extend(points))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        """Queue tags (values as strings); later values for a key win."""
-        tags = {str(k): str(v) for k, v in tags.items()}
+        """Queue tags (values as strings, URL passwords masked); later values for a key win."""
+        tags = {str(k): mask_credentials(str(v)) for k, v in tags.items()}
         for k in tags:
             _check_key("tag", k)
         self._enqueue(lambda q: q.tags.update(tags))
@@ -722,6 +759,34 @@ class RunLogger:
             except Exception as e:
                 out.end = None
                 log.warning("run %s: could not end the run, it stays RUNNING: %s", self.run_id, e)
+
+
+_open_runs = threading.local()  # RunLoggers started inside `ends_runs_on_error`, per thread
+
+
+def ends_runs_on_error(fn):
+    """Decorate a function that starts MLflow runs: whatever exception leaves it (a full disk at
+    the last checkpoint, an unwritable directory, a bug, Ctrl-C), every run it started and left
+    open is ended FAILED with `status=failed` and the reason, never left RUNNING."""
+    import functools
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        stack = _open_runs.__dict__.setdefault("stack", [])
+        stack.append([])
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            reason = f"{type(e).__name__}: {e}"[:500]
+            for logger in stack[-1]:
+                if not logger._ended:
+                    logger.set_tags({"status": "failed", "status_reason": reason})
+                    logger.end("FAILED")
+            raise
+        finally:
+            stack.pop()
+
+    return guarded
 
 
 class NullRunLogger:

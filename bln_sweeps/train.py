@@ -25,11 +25,18 @@ import torch
 
 from bln_sweeps import checkpoint
 from bln_sweeps.config import RunConfig
+from bln_sweeps.credentials import mask_tree
 from bln_sweeps.data import BatchSampler, build_data, eval_splits, eval_windows
 from bln_sweeps.evaluate import evaluate
 from bln_sweeps.model import GPT, GPTConfig
 from bln_sweeps.norms import NORMS, build_norm
-from bln_sweeps.tracking import RunLogger, flatten_config, provenance_tags, resolve_tracking_uri
+from bln_sweeps.tracking import (
+    RunLogger,
+    ends_runs_on_error,
+    flatten_config,
+    provenance_tags,
+    resolve_tracking_uri,
+)
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU rather than a guess.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -158,6 +165,7 @@ def inject_fault(fault: str | None, step: int) -> None:
     raise RuntimeError(f"injected by train.fault={fault}")
 
 
+@ends_runs_on_error  # every way out of a run ends its MLflow run, never leaves it RUNNING
 def run(
     cfg: RunConfig,
     *,
@@ -270,7 +278,7 @@ def run(
                 "run_id": logger.run_id,
                 "status": status,
                 "result": result,
-                "config": asdict(cfg),
+                "config": mask_tree(asdict(cfg)),  # a checkpoint may be copied or shared
             },
         )
 
@@ -383,7 +391,7 @@ def run(
         cfg_yaml = run_dir / "config.yaml"
         from omegaconf import OmegaConf
 
-        cfg_yaml.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        cfg_yaml.write_text(OmegaConf.to_yaml(mask_tree(asdict(cfg))))  # no URL password
         logger.log_artifact(cfg_yaml)
     save(status, result)
     logger.end("FAILED" if status == "diverged" else "FINISHED")  # pruned ends normally

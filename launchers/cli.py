@@ -20,7 +20,9 @@ USAGE = __doc__.split("\n\n", 1)[1]
 
 
 def fail(message: str) -> int:
-    print(f"bln-sweep: error: {message}", file=sys.stderr)
+    from bln_sweeps.credentials import mask_text
+
+    print(f"bln-sweep: error: {mask_text(message)}", file=sys.stderr)  # no URL password
     return 2
 
 
@@ -37,6 +39,29 @@ def check_storage(url: str | None) -> None:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError("storage.url", url, f"cannot connect: {first}") from None
+
+
+def check_names(plan: Plan) -> None:
+    """The sweep's name (a directory, an MLflow experiment, a filter value), its directory and
+    its cells' names (filter values), before anything is created."""
+    from bln_sweeps.names import check_dir, check_name
+
+    check_name("sweep.name", plan.sweep)
+    check_dir("sweep.dir", str(plan.sweep_dir.parent))
+    if plan.sweep_dir.exists() and not plan.sweep_dir.is_dir():
+        raise ConfigError("sweep.name", plan.sweep, f"{plan.sweep_dir} is a file")
+    for cell in plan.cells:
+        check_name("cell", cell["name"], path=False)
+
+
+def check_tracking(plan: Plan) -> None:
+    """A tracking server that does not answer is one line now, not minutes of client retries."""
+    from bln_sweeps.tracking import check_server
+
+    try:
+        check_server(tracking_uri(plan))
+    except ValueError as e:
+        raise ConfigError("tracking.uri", tracking_uri(plan), str(e)) from None
 
 
 def check_cells(plan: Plan) -> None:
@@ -95,12 +120,12 @@ def prepare(plan: Plan, command: str) -> dict:
     manifest workers read. Idempotent: a rerun reuses every id."""
     import optuna
 
-    from bln_sweeps.search import open_storage, study_names
+    from bln_sweeps.search import load_manifest, open_storage, study_names
     from bln_sweeps.tracking import RunLogger, mask_credentials
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     path = plan.sweep_dir / "manifest.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
+    old = load_manifest(plan.sweep_dir) if path.exists() else {}
     old_cells = {c["name"]: c for c in old.get("cells", [])}
     uri = old.get("tracking_uri") or tracking_uri(plan)
     storage = open_storage(plan.storage_url, plan.sweep_dir)
@@ -160,16 +185,24 @@ def unfinished_run(uri: str, sweep: str, kind: str, cell: str | None = None) -> 
     exp = client.get_experiment_by_name(sweep)
     if exp is None:
         return None
-    query = f"tags.kind = '{kind}' and tags.sweep = '{sweep}' and attributes.status = 'RUNNING'"
-    if cell is not None:
-        query += f" and tags.cell = '{cell}'"
+    from bln_sweeps.names import filter_string
+
+    where = {"tags.kind": kind, "tags.sweep": sweep, "attributes.status": "RUNNING"}
+    query = filter_string({**where, **({"tags.cell": cell} if cell is not None else {})})
     runs = client.search_runs([exp.experiment_id], query, max_results=1)
     return runs[0].info.run_id if runs else None
 
 
 def write_manifest(sweep_dir: Path, manifest: dict) -> None:
+    """The manifest with URL passwords masked; the real URLs, when masking changed any, go to
+    `credentials.json` (mode 0600) beside it, written first (bln_sweeps.credentials)."""
+    from bln_sweeps.credentials import PRIVATE_FILE, split_private, write_private
+
+    public, private = split_private(manifest)
+    if private:
+        write_private(sweep_dir / PRIVATE_FILE, private)
     tmp = sweep_dir / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.write_text(json.dumps(public, indent=2))
     os.replace(tmp, sweep_dir / "manifest.json")
 
 
@@ -211,15 +244,10 @@ def release(jobs: list) -> None:
 def ranked_table(manifest: dict) -> None:
     """The ranked table from the analysis module, in its own process (launchers never import
     analysis)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "analysis",
-        manifest["sweep"],
-        "--tracking-uri",
-        manifest["tracking_uri"],
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "analysis", manifest["sweep"]]
+    # the URI (it may hold a password) goes through the environment, not argv, which `ps` shows
+    env = {**os.environ, "MLFLOW_TRACKING_URI": manifest["tracking_uri"]}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     print(out.stdout if out.returncode == 0 else f"(no table: {out.stderr.strip()})")
 
 
@@ -248,8 +276,10 @@ def run_sweep(argv: list[str]) -> int:
 
     try:
         plan = make_plan(overrides)
+        check_names(plan)
         check_launcher(plan.launcher, plan.sweep_dir)
         check_storage(plan.storage_url)
+        check_tracking(plan)
         if "--dry-run" in flags:
             print_plan(plan)
             return 0
@@ -300,6 +330,7 @@ def run_sweep(argv: list[str]) -> int:
 
 
 def status(argv: list[str]) -> int:
+    from bln_sweeps.names import check_name
     from launchers.plan import sweep_config
     from launchers.progress import cell_rows, render
 
@@ -307,10 +338,19 @@ def status(argv: list[str]) -> int:
         return fail("usage: bln-sweep status NAME")
     root = Path(sweep_config([]).sweep.dir)
     sweep_dir = root / argv[0]
+    known = sorted(p.parent.name for p in root.glob("*/manifest.json"))
+    try:
+        check_name("NAME", argv[0])
+    except ConfigError as e:
+        return fail(f"{e}; sweeps: {', '.join(known) or 'none'}")
     if not (sweep_dir / "manifest.json").exists():
-        known = sorted(p.parent.name for p in root.glob("*/manifest.json"))
         return fail(f"no sweep {argv[0]!r} in {root}/; sweeps: {', '.join(known) or 'none'}")
-    print(render(cell_rows(sweep_dir)))
+    try:
+        rows = cell_rows(sweep_dir)
+    except Exception as e:  # a damaged manifest or journal: say which sweep, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0]
+        return fail(f"sweep {argv[0]!r} in {root}/ cannot be read: {type(e).__name__}: {first}")
+    print(render(rows))
     return 0
 
 

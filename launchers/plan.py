@@ -39,13 +39,45 @@ class Plan:
 
 
 def is_axis(override: str) -> bool:
-    return len(expand_grid([override])) > 1 or "glob(" in override or "range(" in override
+    """A comma list, range() or glob() as the override's own value; not one nested in a value
+    (`search.params={optim.lr: 'range(1, 5)'}` is a search space, not an axis)."""
+    if len(expand_grid([override])) > 1:  # also turns an unparsable override into a ConfigError
+        return True
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_override(override).is_sweep_override()
 
 
 def sweep_config(overrides: list[str]) -> SweepConfig:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_object(compose(overrides, "sweep"))
+
+
+# One process per worker on one machine; SLURM's default MaxArraySize is 1001 (tasks 0..1000).
+MAX_WORKERS = {"local": 256, "debug": 256, "slurm": 1000}
+
+
+def check_limits(cfg: SweepConfig) -> None:
+    """Settings no schema bounds: per-norm search spaces for norms that exist, and a number of
+    workers a machine (local) or SLURM's job array limit (slurm) can hold."""
+    from bln_sweeps.config import group_options
+
+    norms = group_options("norm")
+    for name in cfg.search.per_norm:
+        if name not in norms:
+            raise ConfigError(
+                f"search.per_norm.{name}",
+                cfg.search.per_norm[name],
+                f"unknown norm; valid choices: {', '.join(norms)}",
+            )
+    most = MAX_WORKERS.get(cfg.launcher.name)
+    if most is not None and cfg.launcher.workers > most:
+        raise ConfigError(
+            "launcher.workers",
+            cfg.launcher.workers,
+            f"must be <= {most} for launcher={cfg.launcher.name}",
+        )
 
 
 def make_plan(overrides: list[str]) -> Plan:
@@ -72,6 +104,7 @@ def make_plan(overrides: list[str]) -> Plan:
         raise ConfigError("launcher.workers", cfg.launcher.workers, "must be >= 1")
     if cfg.launcher.timeout_min < 1:
         raise ConfigError("launcher.timeout_min", cfg.launcher.timeout_min, "must be >= 1")
+    check_limits(cfg)
     from bln_sweeps.search import make_pruner, make_sampler
 
     make_sampler(asdict(s)), make_pruner(asdict(s))  # unknown names fail here, not in a worker
@@ -90,8 +123,9 @@ def make_plan(overrides: list[str]) -> Plan:
                 raise ConfigError(key, space[key], "is a grid axis; it cannot also be searched")
         dists = parse_space(space)
         for key, dist in dists.items():  # each searched key must exist and take its values
-            low = dist.choices[0] if hasattr(dist, "choices") else dist.low
-            validate(to_run_config(compose([*base, *point, f"{key}={low}"], "sweep")))
+            ends = dist.choices if hasattr(dist, "choices") else (dist.low, dist.high)
+            for value in dict.fromkeys(ends):  # every choice, not only the first
+                validate(to_run_config(compose([*base, *point, f"{key}={value}"], "sweep")))
         name = ",".join(p.lstrip("+") for p in point if p.split("=", 1)[0].lstrip("+") in axis_keys)
         cells.append({"name": name or "all", "overrides": point, "space": space})
     return Plan(

@@ -51,6 +51,30 @@ EXTRA = {
 DEFAULTS = {"signal_delay_s": 120, "max_num_timeout": 10}
 LISTS = ("setup", "teardown", "srun_args")
 MEM_RE = re.compile(r"^(\d+)([KMGT]B?)?$", re.IGNORECASE)
+# An sbatch long option's name, as `additional_parameters` keys become `#SBATCH --<key>=...`
+OPTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
+
+
+def check_one_line(key: str, value: Any) -> None:
+    """Every string in a SLURM setting (keys of mappings included) stays on its own line of the
+    batch script: a newline in `comment` would end the #SBATCH line and run the rest as shell,
+    and every #SBATCH line after the first shell line is ignored by sbatch."""
+    import unicodedata
+
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_one_line(key, k)
+            check_one_line(f"{key}.{k}", v)
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            check_one_line(key, v)
+        return
+    bad = [c for c in str(value) if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")]
+    if bad:
+        raise ConfigError(
+            key, value, f"contains the control character {bad[0]!r}; a value must be one line"
+        )
 
 
 def valid_names() -> list[str]:
@@ -98,6 +122,9 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
     Every value error names its key (launcher.slurm.<name>) and what SLURM accepts."""
     given = {k: v for k, v in (launcher.get("slurm") or {}).items() if v is not None}
     valid = valid_names()
+    for name, value in given.items():
+        check_one_line(f"launcher.slurm.{name}", name)
+        check_one_line(f"launcher.slurm.{name}", value)
     for name in given:
         if name in OWNED:
             raise ConfigError(f"launcher.slurm.{name}", given[name], f"set {OWNED[name]} instead")
@@ -149,6 +176,13 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
         raise ConfigError(
             "launcher.slurm.additional_parameters", extra, "a mapping of sbatch option -> value"
         )
+    for option in extra or {}:  # submitit writes keys unquoted: `#SBATCH --<key>=<value>`
+        if not OPTION_RE.match(str(option)):
+            raise ConfigError(
+                f"launcher.slurm.additional_parameters.{option}",
+                extra[option],
+                "not an sbatch option name (letters, digits and '-', e.g. mail-type)",
+            )
     for key in ("nodes", "ntasks_per_node"):
         if opts.get(key, 1) != 1:
             raise ConfigError(

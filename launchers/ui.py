@@ -41,7 +41,9 @@ class InputError(Exception):
 
 
 def fail(message: str) -> int:
-    print(f"bln-sweep ui: error: {message}", file=sys.stderr)
+    from bln_sweeps.credentials import mask_text
+
+    print(f"bln-sweep ui: error: {mask_text(message)}", file=sys.stderr)  # no URL password
     return 2
 
 
@@ -85,15 +87,33 @@ def is_loopback(host: str) -> bool:
 
 def find_sweep(name: str | None) -> Path:
     """The sweep directory `<sweep.dir>/<name>` (default: `sweep.name`), as `bln-sweep` made it."""
+    from bln_sweeps.config import ConfigError
+    from bln_sweeps.names import check_name
     from launchers.plan import sweep_config
 
     cfg = sweep_config([]).sweep
     root, name = Path(cfg.dir), name or cfg.name
     sweep_dir = root / name
+    known = sorted(p.parent.name for p in root.glob("*/manifest.json"))
+    try:
+        check_name("NAME", name)
+    except ConfigError as e:
+        raise InputError(f"{e}; sweeps: {', '.join(known) or 'none'}") from None
     if not (sweep_dir / "manifest.json").exists():
-        known = sorted(p.parent.name for p in root.glob("*/manifest.json"))
         raise InputError(f"no sweep {name!r} in {root}/; sweeps: {', '.join(known) or 'none'}")
     return sweep_dir.resolve()
+
+
+def read_manifest(sweep_dir: Path) -> dict:
+    """The sweep's manifest, real URLs included; a damaged one is bad input, not a traceback."""
+    from bln_sweeps.search import load_manifest
+
+    try:
+        manifest = load_manifest(sweep_dir)
+        manifest["tracking_uri"], manifest["sweep"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{sweep_dir / 'manifest.json'} is not a sweep manifest ({e})") from None
+    return manifest
 
 
 def port_free(host: str, port: int) -> bool:
@@ -136,6 +156,9 @@ def check_store(uri: str) -> None:
         db = Path(uri[len("sqlite:///") :].split("?", 1)[0])
         if not db.is_file():
             raise InputError(f"tracking store {uri}: no such file")
+        with open(db, "rb") as f:  # MLflow would try to migrate a damaged file in place
+            if f.read(16) != b"SQLite format 3\x00":
+                raise InputError(f"tracking store {db} is not an SQLite database")
         return
     try:
         import sqlalchemy
@@ -221,11 +244,32 @@ def server_command(uri: str, host: str, port: int, sweep_dir: Path) -> list[str]
     ]
     if not is_loopback(host):
         # MLflow 3 answers 403 to Host headers other than localhost and private IPs; a user
-        # who binds another interface reaches it by this machine's name.
-        names = {socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1"}
-        allowed = sorted(names | {f"{n}:*" for n in names})
-        cmd += ["--allowed-hosts", ",".join([*allowed, "10.*", "192.168.*", "172.*"])]
+        # who binds another interface reaches it by this machine's name or address.
+        cmd += ["--allowed-hosts", ",".join(allowed_hosts(host, port))]
     return cmd
+
+
+def allowed_hosts(host: str, port: int) -> list[str]:
+    """The Host headers the UI answers when bound beyond loopback: this machine's names and
+    addresses, bare and with the port, spelled out. No wildcard: MLflow matches entries with
+    '*' by fnmatch, so `10.*` would also admit a DNS name like `10.attacker.example` (DNS
+    rebinding), and `name:*` any text after the colon."""
+    names = {socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1", "::1"}
+    if host not in ("0.0.0.0", "::"):
+        names.add(host)
+    for name in list(names):
+        try:
+            names.update(i[4][0].split("%")[0] for i in socket.getaddrinfo(name, None))
+        except OSError:
+            continue
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:  # the address of the default route (a UDP connect sends nothing)
+            s.connect(("10.255.255.255", 1))
+            names.add(s.getsockname()[0])
+        except OSError:
+            pass
+    spelled = {f"[{n}]" if ":" in n else n for n in names if n}
+    return sorted(spelled | {f"{n}:{port}" for n in spelled})
 
 
 def wait_ready(proc: subprocess.Popen, base: str, log: Path) -> None:
@@ -310,7 +354,7 @@ def run(argv: list[str]) -> int:
         name, port, host = parse(argv)
         loopback = is_loopback(host)
         sweep_dir = find_sweep(name)
-        manifest = json.loads((sweep_dir / "manifest.json").read_text())
+        manifest = read_manifest(sweep_dir)
         uri = manifest["tracking_uri"]
         metric = manifest.get("search", {}).get("metric", "val/loss")
         remote = uri.startswith(("http://", "https://"))
@@ -325,7 +369,14 @@ def run(argv: list[str]) -> int:
         if not remote:
             port = pick_port(host, port)
         check_store(uri)
-        experiment_id = prepare_experiment(uri, manifest["sweep"], metric)
+        try:
+            experiment_id = prepare_experiment(uri, manifest["sweep"], metric)
+        except InputError:
+            raise
+        except Exception as e:  # a damaged store (not a database, wrong schema): one line
+            first = (str(e).strip().splitlines() or [""])[0]
+            reason = f"{type(e).__name__}: {first}"
+            raise InputError(f"tracking store {uri} cannot be read: {reason}") from None
     except InputError as e:
         return fail(str(e))
     if remote:

@@ -1,4 +1,9 @@
-"""Shared fixtures: real configs composed by Hydra with the tiny model, a temporary MLflow store."""
+"""Shared fixtures: real configs composed by Hydra with the tiny model, a temporary MLflow store,
+and the rule for tests that need a service (SLURM, PostgreSQL, Chromium, a tmpfs mount): on a
+user's machine they skip when it is missing; under CI (`CI=true`), where `.ci/run` has brought
+every service up or failed, a skip is a failure, so CI is never green with tests unrun."""
+
+import os
 
 import pytest
 import torch
@@ -36,7 +41,30 @@ def make_cfg(tmp_path, mlflow_uri):
     return make
 
 
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+PG_ADMIN = os.environ.get("BLN_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def service_missing(reason: str):
+    """Skip a test whose service is missing; under CI, fail it (the service had to be up)."""
+    if under_ci():
+        pytest.fail(f"{reason} (CI=true: .ci/run must bring every service up)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI any other skip (importorskip, skipif, a skip inside a test) is reported as a
+    failure too: the closing summary shows 0 skipped or the run is red."""
+    outcome = yield
+    report = outcome.get_result()
+    if under_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"skipped under CI=true: {reason}"
 
 
 @pytest.fixture
@@ -49,7 +77,7 @@ def postgres_url():
     try:
         admin = psycopg.connect(PG_ADMIN, connect_timeout=3, autocommit=True)
     except psycopg.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at {PG_ADMIN}: {str(e).strip()}")
+        service_missing(f"no PostgreSQL at {PG_ADMIN}: {str(e).strip()}")
     name = f"bln_test_{uuid.uuid4().hex[:10]}"
     with admin.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name}")

@@ -1,8 +1,12 @@
 """Every option of every group composes and validates; bad input names the key and the choices."""
 
+from dataclasses import asdict
+
 import pytest
+from omegaconf import OmegaConf
 
 from bln_sweeps.config import (
+    CONF_DIR,
     ConfigError,
     compose,
     expand_grid,
@@ -25,7 +29,20 @@ def test_every_option_composes(group):
         if group == "seq":
             overrides.append("model=gpt2_124m")
         cfg = to_run_config(compose(overrides))
-        assert getattr(cfg, group) is not None
+        # every value the option's YAML sets arrives in the config (not just "something did")
+        yaml = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+        yaml.pop("defaults", None)
+        assert_sets(asdict(getattr(cfg, group)), yaml, f"{group}={option}")
+
+
+def assert_sets(composed: dict, yaml: dict, where: str) -> None:
+    """Every literal value of `yaml` (nested) is in `composed`; interpolations are resolved and
+    checked elsewhere."""
+    for key, value in yaml.items():
+        if isinstance(value, dict):
+            assert_sets(composed[key], value, f"{where}.{key}")
+        elif not (isinstance(value, str) and "${" in value):
+            assert composed[key] == value, (where, key, composed[key], value)
 
 
 def test_defaults_are_the_embedded_cpu_run():
@@ -56,7 +73,7 @@ def test_optimizer_defaults_follow_nanogpt():
         (["norm=foo"], "norm", "layernorm"),
         (["model=huge"], "model", "gpt2_124m"),
         (["optim.lrr=1"], "optim.lrr", "lr"),
-        (["trian.steps=3"], "trian.steps", ""),
+        (["trian.steps=3"], "trian.steps", "train"),
         (["optim.lr=abc"], "optim.lr", "type"),
         (["norm=bln", "norm.options.zetaa=1"], "norm.options.zetaa", "norm option"),
         (["seq=s4096", "model.block_size=1024"], "seq.len", "block_size"),

@@ -1,5 +1,6 @@
-"""The norm layers against torch's own layers, the golden vectors of NORMS.md §9.1 (from the
-official BLN and PowerNorm code), spec-derived references, causality and state, module by module.
+"""The norm layers against torch's own layers, the golden vectors of
+tests/golden/norms_golden_vectors.md (from the official BLN and PowerNorm code, with provenance),
+spec-derived references, causality and state, module by module.
 
 The GPT-level causality matrix lives in test_model.py; here every module is probed on its own."""
 

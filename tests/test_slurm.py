@@ -20,6 +20,7 @@ import pytest
 from bln_sweeps.config import ConfigError
 from launchers import slurm, snapshot
 from launchers.submit import gpu_assignment, visible_gpus
+from tests.conftest import service_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -280,13 +281,13 @@ def slurm_cluster():
     state = _cluster_state() if shutil.which("sbatch") else "no sbatch on PATH"
     if not any(s in state for s in ("idle", "mixed", "alloc")):
         if os.geteuid() != 0:
-            pytest.skip(f"no SLURM cluster ({state}) and not root to start one")
+            service_missing(f"no SLURM cluster ({state}) and not root to start one")
         p = subprocess.run(
             [str(SCRIPTS / "slurm-up.sh")], capture_output=True, text=True, timeout=600
         )
         if p.returncode != 0:
             tail = (p.stderr or p.stdout).strip().splitlines()[-1:]
-            pytest.skip(f"could not start SLURM with slurm-up.sh: {' '.join(tail)}")
+            service_missing(f"could not start SLURM with slurm-up.sh: {' '.join(tail)}")
     return slurm.partition_limits(None)
 
 
@@ -303,7 +304,7 @@ def test_requests_over_the_partition_limits_are_rejected(slurm_cluster):
     try:
         short = slurm.partition_limits("short")
     except ConfigError:
-        pytest.skip("this cluster has no partition `short` (start it with slurm-up.sh)")
+        service_missing("this cluster has no partition `short` (start it with slurm-up.sh)")
     cpu = {**launcher(partition="short"), "gpus_per_worker": 0, "cpus_per_worker": 1}
     slurm.check({**cpu, "timeout_min": int(short["max_minutes"])})
     cases = [
@@ -534,3 +535,60 @@ def test_interrupted_worker_is_requeued_and_resumes_the_same_trial(
     cfg.tracking.enabled = False
     uninterrupted = run(cfg, run_dir=tmp_path / "uninterrupted")
     assert trial.value == uninterrupted[m["search"]["metric"]]
+
+
+# ---- hostile values: every value stays on its own #SBATCH line -------------------------------
+
+HOSTILE = "ok'\"; touch owned #$(id) `id` \\ \u00e9"
+HOSTILE_LAUNCHER = launcher(
+    partition="gpu",
+    comment=HOSTILE,
+    constraint="a|b&c",
+    additional_parameters={"mail-user": HOSTILE, "reservation": "r #x"},
+    setup=["echo one line"],
+)
+
+
+def sbatch_block(text: str) -> list[str]:
+    """The lines between `# Parameters` and the first blank line: sbatch reads #SBATCH options
+    only until the first command line, so every one of them must be an #SBATCH line."""
+    lines = text.splitlines()
+    start = lines.index("# Parameters") + 1
+    return lines[start : lines.index("", start)]
+
+
+def test_hostile_values_match_the_golden_file_and_stay_on_their_line():
+    text = slurm.sbatch_script(
+        HOSTILE_LAUNCHER, Path("/sweeps/demo/jobs/%j"), "demo", "/usr/bin/python3"
+    )
+    path = GOLDEN / "slurm_array_hostile.sbatch"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text()
+    block = sbatch_block(text)
+    assert all(line.startswith("#SBATCH --") for line in block), block
+    comment = next(line for line in block if line.startswith("#SBATCH --comment="))
+    assert shlex.split(comment.split("=", 1)[1]) == [HOSTILE]
+
+
+@pytest.mark.parametrize(
+    "opts, key",
+    [
+        ({"comment": "ok\ntouch X #"}, "launcher.slurm.comment"),
+        ({"partition": "gpu\r"}, "launcher.slurm.partition"),
+        ({"account": "a\x00b"}, "launcher.slurm.account"),
+        ({"qos": "high\u2028x"}, "launcher.slurm.qos"),  # a Unicode line separator
+        ({"setup": ["module load x", "a\nb"]}, "launcher.slurm.setup"),
+        ({"srun_args": ["--x\t"]}, "launcher.slurm.srun_args"),
+        ({"additional_parameters": {"mail-type": "END\nx"}}, "mail-type"),
+        ({"additional_parameters": {"x\ny": "1"}}, "launcher.slurm.additional_parameters"),
+        ({"additional_parameters": {"x y": "1"}}, "additional_parameters.x y"),
+        ({"additional_parameters": {"--x": "1"}}, "additional_parameters.--x"),
+        ({"additional_parameters": {"a=b": "1"}}, "additional_parameters.a=b"),
+    ],
+)
+def test_control_characters_and_odd_option_names_are_rejected(opts, key):
+    with pytest.raises(ConfigError) as e:
+        slurm.settings(launcher(**opts))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("launcher.slurm.") and key in msg, msg

@@ -146,7 +146,7 @@ def test_flatten_config():
 def test_flatten_config_masks_credentials_in_urls():
     cfg = {"storage": {"url": "postgresql://bob:hunter2@db:5432/optuna", "plain": "http://h:1/x"}}
     assert flatten_config(cfg) == {
-        "storage.url": "postgresql://***@db:5432/optuna",
+        "storage.url": "postgresql://bob:***@db:5432/optuna",
         "storage.plain": "http://h:1/x",
     }
 

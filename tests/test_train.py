@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def test_run_lands_in_mlflow(make_cfg, mlflow_uri):
     )
     assert p["norm.options.batch_size"] == "4"
     assert t["leaky"] == "false" and t["status"] == "finished" and t["kind"] == "single"
-    assert len(t["git.sha"]) >= 7 and t["device"] == "cpu"
+    assert re.fullmatch(r"[0-9a-f]{40}", t["git.sha"]), t["git.sha"]  # not "unknown"
+    assert t["device"] == "cpu"
     assert m["val/loss"] == pytest.approx(result["val/loss"])
     assert "val/loss:batch" in m and "train/loss" in m and "perf/tokens_per_s" in m
     assert r.info.status == "FINISHED" and r.info.run_name == "bln · b4 · s128"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bln_sweeps.checkpoint import CKPT_NAME, load
+from tests.conftest import service_missing
 from tests.faults.conftest import cli
 
 STEPS, EVERY = 8, 2
@@ -33,7 +34,7 @@ RUN = [
 def small_disk(tmp_path):
     """mount(size) -> a tmpfs of that many bytes under tmp_path; unmounted afterwards."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a size-limited tmpfs needs root")
+        service_missing("mounting a size-limited tmpfs needs root")
     mnt = tmp_path / "disk"
     mnt.mkdir()
     mounted = []
@@ -44,7 +45,7 @@ def small_disk(tmp_path):
             ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)], capture_output=True, text=True
         )
         if p.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+            service_missing(f"cannot mount a tmpfs here: {p.stderr.strip()}")
         mounted.append(size)
         return mnt
 
@@ -108,3 +109,76 @@ def test_full_disk_error_is_one_clear_line(tmp_path, small_disk):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr
     assert "could not write checkpoint" in lines[0] and "No space left on device" in lines[0]
+
+
+@pytest.mark.slow
+def test_full_disk_at_the_final_checkpoint_ends_the_run_failed_not_running(tmp_path, small_disk):
+    """Only the final checkpoint is written (checkpoint_interval=0) and it does not fit: the
+    run used to stay RUNNING (the last save was outside the trainer's error handling)."""
+    loss, size = undisturbed(tmp_path)
+    disk = small_disk(size // 2)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*RUN, "train.checkpoint_interval=0", f"train.out_dir={disk}", f"tracking.uri={uri}"]
+    p = cli("bln_sweeps.train", *args, "tracking.experiment=last", cwd=tmp_path)
+    assert p.returncode != 0 and "No space left on device" in p.stderr
+    _, run = final_val_loss(uri, "last")
+    assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
+    assert "No space left on device" in run.data.tags["status_reason"]
+
+    small_disk(64 << 20)  # room again: the same command ends in the same MLflow run
+    p = cli("bln_sweeps.train", *args, "tracking.experiment=last", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    resumed, again = final_val_loss(uri, "last")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert resumed == loss
+
+
+@pytest.mark.slow
+def test_a_trial_failed_by_a_full_disk_is_retried_not_spent(tmp_path, small_disk, monkeypatch):
+    """A worker's trial hits ENOSPC at its final checkpoint: the trial is failed as retried and
+    queued again with its run directory, the budget is not spent, and once there is room the
+    retry finishes it in the same MLflow run."""
+    from optuna.trial import TrialState
+
+    from bln_sweeps.search import Worker, budget_state, load_manifest, open_storage
+    from launchers.cli import prepare
+    from launchers.plan import make_plan
+    from tests.faults.conftest import FAST, all_trials, assert_sweep_intact
+
+    _, size = undisturbed(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    plan = make_plan(
+        [
+            "norm=layernorm",
+            "sweep.grid={batch: b4}",
+            "sweep.name=full",
+            "search.n_trials=1",
+            "search.confirm_seeds=0",
+            "search.pruner=none",
+            "search.params={optim.lr:'choice(1e-3)'}",
+            *FAST,
+            "train.checkpoint_interval=0",
+        ]
+    )
+    prepare(plan, "bln-sweep (test)")
+    disk = small_disk(size // 2)
+    (plan.sweep_dir / "runs").symlink_to(disk)  # every run directory of the sweep on the tmpfs
+
+    worker = Worker(plan.sweep_dir)
+    (cell,) = load_manifest(plan.sweep_dir)["cells"]
+    assert worker.run_trial(cell, "search")
+    (failed, retry) = sorted(all_trials(plan.sweep_dir), key=lambda t: t.number)
+    assert failed.state == TrialState.FAIL and failed.user_attrs["retried"] is True
+    assert "No space left on device" in failed.user_attrs["status_reason"]
+    assert retry.state == TrialState.WAITING and retry.user_attrs["run_dir"]
+    import optuna
+
+    storage = open_storage(None, plan.sweep_dir)
+    study = optuna.load_study(study_name=f"full/{cell['name']}", storage=storage)
+    assert budget_state(study, 1)["done"] == 0  # not spent
+
+    small_disk(64 << 20)
+    Worker(plan.sweep_dir).run()
+    facts = assert_sweep_intact(plan.sweep_dir, n_trials=1, confirm_seeds=0)
+    trial_runs = [r for r in facts["runs"] if r.data.tags.get("kind") == "trial"]
+    assert len(trial_runs) == 1 and trial_runs[0].info.status == "FINISHED"

@@ -236,46 +236,140 @@ def test_the_sweep_ui_listens_on_loopback_only_by_default(evil_sweep):
     nothing_ran(root, evil_sweep["marks"])
 
 
+def pg_admin():
+    """A connection to the machine's PostgreSQL (CI starts one at 127.0.0.1:5432), or the
+    service fixture's verdict: a skip on a user's machine, a failure under CI."""
+    from tests.conftest import PG_ADMIN, service_missing
+
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        return psycopg.connect(PG_ADMIN, connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as e:
+        service_missing(f"no PostgreSQL at {PG_ADMIN}: {str(e).strip()}")
+
+
+def dump_database(admin, db: str) -> bytes:
+    """Every row of every table of database `db`, as text."""
+    import psycopg
+
+    from tests.conftest import PG_ADMIN
+
+    with psycopg.connect(PG_ADMIN.rsplit("/", 1)[0] + f"/{db}", autocommit=True) as conn:
+        tables = [
+            r[0]
+            for r in conn.execute(
+                "SELECT quote_ident(table_name) FROM information_schema.tables "
+                "WHERE table_schema = 'public'"
+            )
+        ]
+        rows = [repr(row) for t in tables for row in conn.execute(f"SELECT * FROM {t}")]
+    return "\n".join(rows).encode()
+
+
 @pytest.mark.slow
-def test_a_password_in_a_storage_url_is_not_logged(tmp_path):
-    from urllib.parse import urlsplit
+def test_a_random_url_password_is_found_nowhere_but_in_the_private_file(tmp_path):
+    """A sweep whose Optuna storage and MLflow store both sit on PostgreSQL behind a password
+    full of URL-special characters (trust auth accepts any): every byte of the working and
+    sweep directories, both databases and everything the commands printed is scanned for each
+    random part of it. The one place it may be is credentials.json, mode 0600."""
+    import stat
+    from urllib.parse import quote
 
-    import sqlalchemy
-
-    pg = urlsplit(os.environ.get("BLN_PG_URL", "postgresql://postgres@127.0.0.1:5432"))
-    server = f"{pg.hostname}:{pg.port or 5432}"
-    password = pg.password or f"pw-{uuid.uuid4().hex}"  # any password passes trust auth
-    user = f"{pg.username or 'postgres'}:{password}"
-    db = f"faults_{uuid.uuid4().hex[:8]}"
+    parts = [uuid.uuid4().hex[:12] for _ in range(3)]
+    password = f"{parts[0]}/{parts[1]}:@%?#&=+ '!{parts[2]}"
+    in_url = quote(password, safe="/:")  # '/' and ':' stay raw: the case a regex missed
+    admin = pg_admin()
+    dbs = [f"leak_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    for db in dbs:
+        admin.execute(f'CREATE DATABASE "{db}"')
+    server = f"postgresql://postgres:{in_url}@127.0.0.1:5432"
+    outputs = []
     try:
-        engine = sqlalchemy.create_engine(
-            f"postgresql://{user}@{server}/postgres", isolation_level="AUTOCOMMIT"
-        )
-        with engine.connect() as c:
-            c.execute(sqlalchemy.text(f'CREATE DATABASE "{db}"'))
-    except Exception as e:
-        pytest.skip(f"PostgreSQL not reachable at {server} ({type(e).__name__})")
-    try:
-        p = bln_sweep(
+        args = [
             "norm=layernorm",
             "sweep.grid={batch: b4}",
-            "sweep.name=pg",
+            "sweep.name=pw",
             "storage=postgres",
-            f"storage.url=postgresql://{user}@{server}/{db}",
+            f"storage.url={server}/{dbs[0]}",
+            f"tracking.uri={server}/{dbs[1]}",
             "search.n_trials=1",
-            "search.confirm_seeds=0",
-            "launcher=debug",
+            "search.confirm_seeds=1",
+            "search.pruner=none",
+            "launcher.workers=1",
             *FAST,
+        ]
+        try:
+            p = bln_sweep(*args, cwd=tmp_path)
+        finally:
+            stop_leftovers(str(tmp_path))
+        outputs.append(p.stdout + p.stderr)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "| layernorm" in p.stdout  # the table: bln-analyze found the real store
+        for more in (bln_sweep("status", "pw", cwd=tmp_path), cli("analysis", "pw", cwd=tmp_path)):
+            outputs.append(more.stdout + more.stderr)
+            assert more.returncode == 0, more.stderr
+        private = tmp_path / "sweeps" / "pw" / "credentials.json"
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600
+        assert in_url.encode() in private.read_bytes()
+        scanned = {
+            "files": b"\n".join(
+                f.read_bytes() for f in tmp_path.rglob("*") if f.is_file() and f != private
+            ),
+            "optuna store": dump_database(admin, dbs[0]),
+            "mlflow store": dump_database(admin, dbs[1]),
+            "output": "\n".join(outputs).encode(),
+        }
+        assert len(scanned["mlflow store"]) > 1000  # the runs really are there
+        found = [
+            (where, part)
+            for where, data in scanned.items()
+            for part in parts
+            if part.encode() in data
+        ]
+        assert not found, f"password parts found in: {found}"
+    finally:
+        for db in dbs:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.mark.slow
+def test_a_url_password_given_to_bln_train_is_found_nowhere(tmp_path):
+    """`bln-train tracking.uri=postgresql://u:<password>@...`: the password used to land in the
+    config.yaml artifact, the checkpoint and Hydra's .hydra/ files. Every file the run writes
+    (checkpoint included: torch stores its pickle uncompressed), the MLflow database and the
+    output are scanned for each random part of it."""
+    from urllib.parse import quote
+
+    parts = [uuid.uuid4().hex[:12] for _ in range(2)]
+    password = f"{parts[0]}/:@?#{parts[1]}"
+    admin = pg_admin()
+    db = f"leak_{uuid.uuid4().hex[:8]}"
+    admin.execute(f'CREATE DATABASE "{db}"')
+    try:
+        uri = f"postgresql://postgres:{quote(password, safe='/:')}@127.0.0.1:5432/{db}"
+        p = cli(
+            "bln_sweeps.train",
+            *["train.steps=4", "train.eval_interval=2", "train.eval_batches=1", "seq.len=64"],
+            *["data.n_train_tokens=20000", "data.n_val_tokens=4000", "train.checkpoint_interval=2"],
+            f"tracking.uri={uri}",
             cwd=tmp_path,
         )
-        assert p.returncode == 0, p.stdout + p.stderr
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/sweeps/pg/mlflow.db")
-        exp = client.get_experiment_by_name("pg")
-        for run in client.search_runs([exp.experiment_id]):
-            assert password not in str(run.data.tags) + str(run.data.params)
+        assert p.returncode == 0, p.stderr
+        written = sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*") if f.is_file())
+        assert any(f.endswith(".hydra/overrides.yaml") for f in written), written
+        assert any(f.endswith("ckpt.pt") for f in written) and any(
+            f.endswith("artifacts/config.yaml") for f in written
+        ), written
+        scanned = {
+            "files": b"\n".join(f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()),
+            "mlflow store": dump_database(admin, db),
+            "output": (p.stdout + p.stderr).encode(),
+        }
+        found = [
+            (w, part) for w, data in scanned.items() for part in parts if part.encode() in data
+        ]
+        assert not found, f"password parts found in: {found}"
     finally:
-        with engine.connect() as c:
-            c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
-        engine.dispose()
+        admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.close()
