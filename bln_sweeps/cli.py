@@ -10,6 +10,7 @@ import sys
 
 from bln_sweeps.config import (
     CONF_DIR,
+    NORM_SITES,
     ConfigError,
     compose,
     expand_grid,
@@ -47,11 +48,14 @@ def check(overrides: list[str], config_name: str = "train") -> int:
     for point in points:
         cfg = validate(to_run_config(compose(point, config_name)))
         check_data(cfg)
-        try:
-            factory = norm_factory(cfg)
-            factory("ln_1"), factory("ln_f")
-        except ValueError as e:
-            raise ConfigError("norm.options", cfg.norm.name, str(e)) from None
+        factory = norm_factory(cfg)
+        for site in NORM_SITES:  # every site, so a bad per-site option is named here
+            try:
+                factory(site)
+            except ValueError as e:
+                if site in cfg.norm.sites:
+                    raise ConfigError(f"norm.sites.{site}", cfg.norm.sites[site], str(e)) from None
+                raise ConfigError("norm.options", cfg.norm.name, str(e)) from None
     return len(points)
 
 

@@ -59,9 +59,11 @@ def run_name(cfg: RunConfig) -> str:
 
 
 def norm_factory(cfg: RunConfig) -> Callable[[str], torch.nn.Module]:
-    """site -> norm module. `norm.name` at ln_1/ln_2 with `norm.options`; `norm.final` (if set)
-    at ln_f with its own defaults. Options left null are derived from the run: PowerNorm's warm-up
-    (the LR warm-up, as fairseq wires it) and its forward calls per optimizer step."""
+    """site -> norm module. `norm.name` at ln_1/ln_2 (and Peri-LN's ln_1_out/ln_2_out) with
+    `norm.options`; `norm.final` (if set) at ln_f with its own defaults. `norm.sites.<site>`
+    overrides options at one site (and may name another variant there, with that variant's
+    defaults). Options left null are derived from the run: PowerNorm's warm-up (the LR warm-up,
+    as fairseq wires it) and its forward calls per optimizer step."""
     derived = {
         "batch_size": cfg.batch.size,
         "max_len": cfg.model.block_size,
@@ -84,16 +86,30 @@ def norm_factory(cfg: RunConfig) -> Callable[[str], torch.nn.Module]:
     final_opts = block_opts if final == cfg.norm.name else options_for(final, {})
 
     def factory(site: str) -> torch.nn.Module:
-        if site == "ln_f":
-            return build_norm(final, cfg.model.n_embd, **final_opts)
-        return build_norm(cfg.norm.name, cfg.model.n_embd, **block_opts)
+        name, opts = (final, final_opts) if site == "ln_f" else (cfg.norm.name, block_opts)
+        given = dict(cfg.norm.sites.get(site) or {})
+        site_name = given.pop("name", None) or name
+        if site_name != name:  # another variant at this site: its own defaults
+            name, opts = site_name, options_for(site_name, {})
+        opts = {**opts, **{k: v for k, v in given.items() if v is not None}}
+        return build_norm(name, cfg.model.n_embd, **opts)
 
     return factory
 
 
 def build_model(cfg: RunConfig) -> GPT:
     m = cfg.model
-    gpt = GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd, m.dropout, m.bias)
+    gpt = GPTConfig(
+        m.block_size,
+        m.vocab_size,
+        m.n_layer,
+        m.n_head,
+        m.n_embd,
+        m.dropout,
+        m.bias,
+        qk_norm=m.qk_norm,
+        norm_placement=m.norm_placement,
+    )
     return GPT(gpt, norm_factory(cfg))
 
 
