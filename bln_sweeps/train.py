@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bln_sweeps import checkpoint
+from bln_sweeps import checkpoint, leak
 from bln_sweeps.config import RunConfig
 from bln_sweeps.data import BatchSampler, build_data, val_batches
 from bln_sweeps.evaluate import evaluate
@@ -249,7 +249,8 @@ def run(
             tags={
                 **provenance_tags(),
                 **device_tags(device),
-                "leaky": str(leaky).lower(),
+                "leaky": str(leaky).lower(),  # declared; the leak probe's measurement replaces it
+                **(leak.summary(history["leak"]) if history.get("leak") else {}),
                 "kind": "single",
                 "run_key": run_key(cfg),
                 "n_params": str(model.num_params()),
@@ -308,6 +309,7 @@ def run(
     try:
         with checkpoint.StopSignals() as signals:
             while step < cfg.train.steps:
+                leak.probe_when_due(model, sampler, step, autocast, history, logger)
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
