@@ -7,7 +7,8 @@
 nanoGPT's: gradient accumulation, AdamW, warm-up + cosine, global-norm clipping, bf16 autocast on
 CUDA. What it adds: validation under every inference mode (bln_sweeps.evaluate), divergence
 stops instead of crashes, exact resume from checkpoints (bln_sweeps.checkpoint), and an MLflow
-run with the resolved config, provenance and the `leaky` tag (bln_sweeps.tracking).
+run with the resolved config, provenance and the `leaky` tag as the leak probe measured it on
+this model (bln_sweeps.leak, bln_sweeps.tracking).
 """
 
 import hashlib
