@@ -105,7 +105,10 @@ def test_every_run_logs_its_probes_and_the_measured_leaky_tag(make_cfg, mlflow_u
     assert sorted(steps) == [0, 2] and steps[0] > 1e-4 and steps[2] == 0.0  # past the warm-up
 
     causal = run(make_cfg("norm=dyt", "model.qk_norm=rmsnorm", "model.norm_placement=peri"))
-    tags = client.get_run(causal["run_id"]).data.tags
+    tags, params = (getattr(client.get_run(causal["run_id"]).data, a) for a in ("tags", "params"))
+    assert (params["model.qk_norm"], params["model.norm_placement"]) == ("rmsnorm", "peri")
+    assert params["norm.options.alpha_init"] == "0.5"
+    assert params["norm.sites.ln_1.alpha_init"] == "None"  # = norm.options.alpha_init
     assert tags["leaky"] == tags["leak.measured"] == "false"
     assert tags["leak.probes"] == "0" and float(tags["leak.max_delta"]) == 0.0
 
