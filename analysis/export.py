@@ -22,8 +22,9 @@ from analysis.contract import BATCH, NORM, SEQ, AnalysisError
 FORMATS = ("md", "csv", "tex", "html", "json")
 LEAKY_MARK = "†"
 LEAKY_NOTE = (
-    f"{LEAKY_MARK} leaky: in training, this norm's batch statistics see future tokens (MLflow "
-    "tag leaky=true), which the model can learn to exploit; read its numbers with care."
+    f"{LEAKY_MARK} leaky: in training, this norm's batch statistics see future tokens, as the "
+    "run's leak probe measured (MLflow tag leaky=true), which the model can learn to exploit; "
+    "read its numbers with care."
 )
 EDGE_MARK = "‡"
 EDGE_NOTE = (

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bln_sweeps.config import (
     CONF_DIR,
+    NORM_SITES,
     ConfigError,
     compose,
     expand_grid,
@@ -49,11 +50,15 @@ def check(overrides: list[str], config_name: str = "train") -> int:
         cfg = validate(to_run_config(compose(point, config_name)))
         check_data(cfg)
         check_run_names(cfg)
-        try:
-            factory = norm_factory(cfg)
-            factory("ln_1"), factory("ln_f")
-        except ValueError as e:
-            raise ConfigError("norm.options", cfg.norm.name, str(e)) from None
+        factory = norm_factory(cfg)
+        for site in NORM_SITES:  # every site, so a bad per-site option is named here
+            try:
+                factory(site)
+            except ValueError as e:
+                own = {k: v for k, v in (cfg.norm.sites.get(site) or {}).items() if v is not None}
+                if own:  # the site's own value is to blame
+                    raise ConfigError(f"norm.sites.{site}", own, str(e)) from None
+                raise ConfigError("norm.options", cfg.norm.name, str(e)) from None
     return len(points)
 
 
@@ -74,6 +79,8 @@ def check_run_names(cfg) -> None:
 
 
 def train_main(argv: list[str]) -> int:
+    if "--probe-leak" in argv:
+        return probe_leak_main([a for a in argv if a != "--probe-leak"])
     overrides, multirun, passthrough = split_argv(argv)
     if not passthrough:
         try:
@@ -87,6 +94,35 @@ def train_main(argv: list[str]) -> int:
             print("bln-train: error: comma lists need -m (multirun)", file=sys.stderr)
             return 2
     return hydra_main(argv)
+
+
+def probe_leak_main(argv: list[str]) -> int:
+    """`bln-train --probe-leak [overrides]`: the leak probe alone, one line per grid point (no
+    training, no MLflow run). Exit 0, or 1 when a measurement contradicts a declaration."""
+    from bln_sweeps.leak import probe_config
+
+    overrides, _, passthrough = split_argv(argv)
+    if passthrough:
+        print("bln-train: error: --probe-leak takes config overrides only", file=sys.stderr)
+        return 2
+    try:
+        check(overrides)
+    except ConfigError as e:
+        print(f"bln-train: error: {e}", file=sys.stderr)
+        return 2
+    mismatch = False
+    for point in expand_grid(overrides):
+        cfg = validate(to_run_config(compose(point)))
+        report = probe_config(cfg)
+        mismatch |= report.mismatch
+        label = " ".join(point) or "defaults"
+        print(f"[{label}] {report.line()} · {report.seconds:.3g} s")
+        if report.warmup:
+            print(
+                f"  a norm is in its warm-up (the first {cfg.warmup_steps} steps); a run probes "
+                "again when it ends"
+            )
+    return 1 if mismatch else 0
 
 
 def hydra_main(argv: list[str]) -> int:

@@ -18,6 +18,12 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # Norms whose train-mode statistics pool over the batch: they cannot train on one token.
 BATCH_STAT_NORMS = ("batchnorm", "causal_batchnorm", "bln", "powernorm")
 
+# Norm sites of the model: inputs of attention (ln_1) and MLP (ln_2), the final norm (ln_f), and
+# with model.norm_placement=peri the sub-layers' output norms (ln_1_out, ln_2_out).
+NORM_SITES = ("ln_1", "ln_2", "ln_f", "ln_1_out", "ln_2_out")
+QK_NORMS = ("none", "rmsnorm", "layernorm")  # model.qk_norm: per-head norm of q and k
+NORM_PLACEMENTS = ("pre", "peri")  # model.norm_placement: pre-norm (GPT-2) or Peri-LN
+
 
 class ConfigError(ValueError):
     """Bad user input: names the key, the value and the valid choices."""
@@ -37,6 +43,8 @@ class ModelConfig:
     n_embd: int = 64
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm (GPT-2 has them)
+    qk_norm: str = "none"  # none | rmsnorm | layernorm: q and k normalised per head before SDPA
+    norm_placement: str = "pre"  # pre (GPT-2) | peri (Peri-LN: a norm on each sub-layer output too)
 
 
 @dataclass
@@ -44,6 +52,9 @@ class NormConfig:
     name: str = "layernorm"  # registry key used at ln_1 and ln_2 (= YAML stem = MLflow norm.name)
     final: str | None = None  # registry key at ln_f; None = same as `name` (with its options)
     options: dict[str, Any] = field(default_factory=dict)  # keyword options of build_norm
+    # per-site overrides, site -> options (and optionally `name`, another variant at that site);
+    # sites are NORM_SITES; a site not listed uses `name`/`options` (ln_f: `final`)
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -227,7 +238,22 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if cfg.seq.len < 2:
         raise ConfigError("seq.len", cfg.seq.len, "must be >= 2")
-    uses_batch = {cfg.norm.name, cfg.norm.final or cfg.norm.name} & set(BATCH_STAT_NORMS)
+    for key, value, choices in (
+        ("model.qk_norm", cfg.model.qk_norm, QK_NORMS),
+        ("model.norm_placement", cfg.model.norm_placement, NORM_PLACEMENTS),
+    ):
+        if value not in choices:
+            raise ConfigError(key, value, f"valid choices: {', '.join(choices)}")
+    for site, opts in cfg.norm.sites.items():
+        if site not in NORM_SITES:
+            raise ConfigError(f"norm.sites.{site}", opts, f"valid sites: {', '.join(NORM_SITES)}")
+        name = (opts or {}).get("name")
+        if name is not None and name not in norms:
+            raise ConfigError(f"norm.sites.{site}.name", name, f"valid choices: {', '.join(norms)}")
+    site_names = {(o or {}).get("name") for o in cfg.norm.sites.values()} - {None}
+    uses_batch = {cfg.norm.name, cfg.norm.final or cfg.norm.name, *site_names} & set(
+        BATCH_STAT_NORMS
+    )
     if uses_batch and cfg.batch.size * cfg.seq.len < 2:
         raise ConfigError(
             "batch.size", cfg.batch.size, f"{sorted(uses_batch)[0]} needs more than one token"

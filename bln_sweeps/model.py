@@ -6,6 +6,10 @@ and GPT-2's init. The only departure is where the norms come from: the model tak
 `norm_factory(site)` and never sees the registry or Hydra, so BLN in the blocks and LayerNorm at
 `ln_f` is the caller's choice. Every norm takes `(x, pad_mask)`; batch-statistic norms need the
 mask to keep padding out of their statistics.
+
+Two switches a reviewer asks for, both off by default (GPT-2 as published): `qk_norm` normalises
+q and k per head before the attention product, and `norm_placement="peri"` (Peri-LN) also
+normalises each sub-layer's output before the residual add.
 """
 
 import math
@@ -16,9 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# site name -> a fresh norm module of width n_embd; sites are "ln_1", "ln_2" (per block), "ln_f"
+from bln_sweeps.config import NORM_PLACEMENTS, QK_NORMS
+
+# site name -> a fresh norm module of width n_embd; the sites are config.NORM_SITES: "ln_1", "ln_2"
+# (per block), "ln_f", and with norm_placement="peri" "ln_1_out", "ln_2_out" (per block)
 NormFactory = Callable[[str], nn.Module]
-NORM_SITES = ("ln_1", "ln_2", "ln_f")
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers (and in LayerNorm, via the norm options)
+    qk_norm: str = "none"  # "rmsnorm" | "layernorm": normalise q and k per head before SDPA
+    norm_placement: str = "pre"  # "pre": x + F(N(x)) (GPT-2); "peri": x + N_out(F(N_in(x)))
 
 
 # Named flavours. `tiny` is the CPU/test flavour; the others are the GPT-2 family. The training
@@ -57,6 +65,19 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.n_head = config.n_head
         self.dropout = config.dropout
+        # QK-norm (Dehghani et al. 2023; Wortsman et al. 2023): q and k normalised over the head
+        # dimension, one gain of width hs shared by the heads, so attention logits q.k/sqrt(hs)
+        # stay bounded whatever the growth of the c_attn weights. Per token: causal.
+        if config.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm={config.qk_norm!r}: valid choices: {', '.join(QK_NORMS)}")
+        self.q_norm = self.k_norm = None
+        if config.qk_norm != "none":
+            from bln_sweeps.norms import build_norm
+
+            hs = config.n_embd // config.n_head
+            opts = {"bias": False} if config.qk_norm == "layernorm" else {}
+            self.q_norm = build_norm(config.qk_norm, hs, **opts)
+            self.k_norm = build_norm(config.qk_norm, hs, **opts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
@@ -64,6 +85,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if self.q_norm is not None:  # over the last dim, hs: per head and token
+            q, k = self.q_norm(q), self.k_norm(k)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
@@ -90,8 +113,24 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = norm_factory("ln_2")
         self.mlp = MLP(config)
+        # Peri-LN (Kim et al., ICML 2025): each sub-layer's output is normalised too before it
+        # joins the residual stream, which bounds what a block can add to it. Pre-norm models
+        # have no such modules, so their state_dict keys are GPT-2's.
+        if config.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(
+                f"norm_placement={config.norm_placement!r}: valid choices: "
+                f"{', '.join(NORM_PLACEMENTS)}"
+            )
+        self.peri = config.norm_placement == "peri"
+        if self.peri:
+            self.ln_1_out = norm_factory("ln_1_out")
+            self.ln_2_out = norm_factory("ln_2_out")
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.peri:  # x + N_out(F(N_in(x)))
+            x = x + self.ln_1_out(self.attn(self.ln_1(x, pad_mask)), pad_mask)
+            x = x + self.ln_2_out(self.mlp(self.ln_2(x, pad_mask)), pad_mask)
+            return x
         x = x + self.attn(self.ln_1(x, pad_mask))
         x = x + self.mlp(self.ln_2(x, pad_mask))
         return x
@@ -136,13 +175,13 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def norm_modules(self) -> list[tuple[str, nn.Module]]:
-        """The 2 * n_layer + 1 norm sites, by their state_dict prefix."""
+        """The norm sites from the factory, by their state_dict prefix: 2 * n_layer + 1 with
+        pre-norm, 4 * n_layer + 1 with Peri-LN. QK-norms are not among them: they are a fixed
+        per-token norm inside attention, not the variant under comparison."""
         sites = []
         for i, block in enumerate(self.transformer.h):
-            sites += [
-                (f"transformer.h.{i}.ln_1", block.ln_1),
-                (f"transformer.h.{i}.ln_2", block.ln_2),
-            ]
+            names = ("ln_1", "ln_2", "ln_1_out", "ln_2_out") if block.peri else ("ln_1", "ln_2")
+            sites += [(f"transformer.h.{i}.{n}", getattr(block, n)) for n in names]
         return sites + [("transformer.ln_f", self.transformer.ln_f)]
 
     def num_params(self) -> int:

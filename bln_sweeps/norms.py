@@ -169,6 +169,37 @@ class Identity(nn.Module):
         return x
 
 
+class DyT(nn.Module):
+    """Dynamic Tanh (Zhu et al., "Transformers without Normalization", CVPR 2025; NORMS.md §10):
+    y = weight * tanh(alpha * x) + bias, elementwise, so no statistics at all. alpha is one learned
+    scalar per layer (shape (1,), as the official code), weight = 1 and bias = 0 at init.
+    `alpha_init` is 0.5 in the paper for non-LLM models; LLMs want different values per site
+    (attention input, MLP input, final), which the trainer passes site by site (norm.sites)."""
+
+    has_params = True
+
+    def __init__(self, dim: int, *, alpha_init: float = 0.5, bias: bool = True):
+        super().__init__()
+        _check_float("alpha_init", alpha_init, 0.0, open_low=True)
+        _check_bool("bias", bias)
+        self.alpha_init = alpha_init
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha_init)))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.register_parameter("bias", nn.Parameter(torch.zeros(dim)) if bias else None)
+        self.causal_in_train = True
+        self.uses_batch_stats = False
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        with _fp32(x):
+            y = torch.tanh(self.alpha * _upcast(x)) * self.weight
+            if self.bias is not None:
+                y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"alpha_init={self.alpha_init}"
+
+
 # -----------------------------------------------------------------------------
 # BatchNorm over all valid B x T tokens per channel (§5), and our causal variant (§8.5)
 
@@ -773,6 +804,7 @@ NORMS: dict[str, type[nn.Module]] = {
     "layernorm": LayerNorm,
     "rmsnorm": RMSNorm,
     "identity": Identity,
+    "dyt": DyT,
     "batchnorm": BatchNorm,
     "bln": BatchLayerNorm,
     "powernorm": PowerNorm,

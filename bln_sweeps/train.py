@@ -7,7 +7,8 @@
 nanoGPT's: gradient accumulation, AdamW, warm-up + cosine, global-norm clipping, bf16 autocast on
 CUDA. What it adds: validation under every inference mode (bln_sweeps.evaluate), divergence
 stops instead of crashes, exact resume from checkpoints (bln_sweeps.checkpoint), and an MLflow
-run with the resolved config, provenance and the `leaky` tag (bln_sweeps.tracking).
+run with the resolved config, provenance and the `leaky` tag as the leak probe measured it on
+this model (bln_sweeps.leak, bln_sweeps.tracking).
 """
 
 import hashlib
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bln_sweeps import checkpoint
+from bln_sweeps import checkpoint, leak
 from bln_sweeps.config import RunConfig
 from bln_sweeps.credentials import mask_tree
 from bln_sweeps.data import BatchSampler, build_data, eval_splits, eval_windows
@@ -66,9 +67,11 @@ def run_name(cfg: RunConfig) -> str:
 
 
 def norm_factory(cfg: RunConfig) -> Callable[[str], torch.nn.Module]:
-    """site -> norm module. `norm.name` at ln_1/ln_2 with `norm.options`; `norm.final` (if set)
-    at ln_f with its own defaults. Options left null are derived from the run: PowerNorm's warm-up
-    (the LR warm-up, as fairseq wires it) and its forward calls per optimizer step."""
+    """site -> norm module. `norm.name` at ln_1/ln_2 (and Peri-LN's ln_1_out/ln_2_out) with
+    `norm.options`; `norm.final` (if set) at ln_f with its own defaults. `norm.sites.<site>`
+    overrides options at one site (and may name another variant there, with that variant's
+    defaults). Options left null are derived from the run: PowerNorm's warm-up (the LR warm-up,
+    as fairseq wires it) and its forward calls per optimizer step."""
     derived = {
         "batch_size": cfg.batch.size,
         "max_len": cfg.model.block_size,
@@ -91,16 +94,30 @@ def norm_factory(cfg: RunConfig) -> Callable[[str], torch.nn.Module]:
     final_opts = block_opts if final == cfg.norm.name else options_for(final, {})
 
     def factory(site: str) -> torch.nn.Module:
-        if site == "ln_f":
-            return build_norm(final, cfg.model.n_embd, **final_opts)
-        return build_norm(cfg.norm.name, cfg.model.n_embd, **block_opts)
+        name, opts = (final, final_opts) if site == "ln_f" else (cfg.norm.name, block_opts)
+        given = dict(cfg.norm.sites.get(site) or {})
+        site_name = given.pop("name", None) or name
+        if site_name != name:  # another variant at this site: its own defaults
+            name, opts = site_name, options_for(site_name, {})
+        opts = {**opts, **{k: v for k, v in given.items() if v is not None}}
+        return build_norm(name, cfg.model.n_embd, **opts)
 
     return factory
 
 
 def build_model(cfg: RunConfig) -> GPT:
     m = cfg.model
-    gpt = GPTConfig(m.block_size, m.vocab_size, m.n_layer, m.n_head, m.n_embd, m.dropout, m.bias)
+    gpt = GPTConfig(
+        m.block_size,
+        m.vocab_size,
+        m.n_layer,
+        m.n_head,
+        m.n_embd,
+        m.dropout,
+        m.bias,
+        qk_norm=m.qk_norm,
+        norm_placement=m.norm_placement,
+    )
     return GPT(gpt, norm_factory(cfg))
 
 
@@ -242,7 +259,8 @@ def run(
             tags={
                 **provenance_tags(),
                 **device_tags(device),
-                "leaky": str(leaky).lower(),
+                "leaky": str(leaky).lower(),  # declared; the leak probe's measurement replaces it
+                **(leak.summary(history["leak"]) if history.get("leak") else {}),
                 "kind": "single",
                 "run_key": run_key(cfg),
                 "n_params": str(model.num_params()),
@@ -311,6 +329,7 @@ def run(
     try:
         with checkpoint.StopSignals() as signals:
             while step < cfg.train.steps:
+                leak.probe_when_due(model, sampler, step, autocast, history, logger)
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

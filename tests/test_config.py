@@ -86,6 +86,10 @@ def test_optimizer_defaults_follow_nanogpt():
         (["eval.bln_switches=[TTXF]"], "eval.bln_switches", "T/F"),
         (["train.device=tpu"], "train.device", "cuda"),
         (["data.vocab_size=100000"], "data.vocab_size", "model.vocab_size"),
+        (["model.qk_norm=l2"], "model.qk_norm", "none, rmsnorm, layernorm"),
+        (["model.norm_placement=post"], "model.norm_placement", "pre, peri"),
+        (["+norm.sites.ln_9.eps=1e-5"], "norm.sites.ln_9", "ln_1, ln_2, ln_f, ln_1_out, ln_2_out"),
+        (["+norm.sites.ln_1.name=nope"], "norm.sites.ln_1.name", "dyt"),
     ],
 )
 def test_bad_input_names_key_and_choices(overrides, key, hint):

@@ -19,6 +19,8 @@ VARIANTS = [
     ("layernorm_nobias", "layernorm", {"bias": False}),
     ("rmsnorm", "rmsnorm", {}),
     ("identity", "identity", {}),
+    ("dyt", "dyt", {}),
+    ("dyt_nobias", "dyt", {"alpha_init": 0.8, "bias": False}),
     ("batchnorm", "batchnorm", {}),
     ("causal_batchnorm", "causal_batchnorm", {}),
     ("bln", "bln", {"batch_size": B, "max_len": 16}),
@@ -69,7 +71,7 @@ def train_steps(norm, steps=3, seed=10, batch=B, length=T):
 
 
 def test_registry_keys_and_declarations():
-    expected = {"layernorm", "rmsnorm", "identity", "batchnorm", "bln", "powernorm"}
+    expected = {"layernorm", "rmsnorm", "identity", "dyt", "batchnorm", "bln", "powernorm"}
     assert set(NORMS) == expected | {"causal_batchnorm"}
     for _, key, options in VARIANTS:
         norm = build_norm(key, C, **options)
@@ -82,10 +84,11 @@ def test_registry_keys_and_declarations():
     assert not causal["batchnorm"] and not causal["bln_batch_time"]
     assert not causal["powernorm_warmup"]
     assert causal["causal_batchnorm"] and causal["bln"] and causal["powernorm"]
+    assert causal["dyt"] and not build_norm("dyt", C).uses_batch_stats
 
 
 def test_unknown_norm_names_the_choices():
-    msg = "unknown norm 'xyz'; valid choices: batchnorm, bln, causal_batchnorm, identity, "
+    msg = "unknown norm 'xyz'; valid choices: batchnorm, bln, causal_batchnorm, dyt, identity, "
     with pytest.raises(ValueError, match=msg):
         build_norm("xyz", C)
 
@@ -122,6 +125,8 @@ def test_unknown_option_names_norm_option_and_valid_options():
             "momentum=-0.1: must be a number >= 0 and <= 1",
         ),
         ("layernorm", {"bias": "yes"}, "bias='yes': must be true or false"),
+        ("dyt", {"alpha_init": 0.0}, "alpha_init=0.0: must be a number > 0$"),
+        ("dyt", {"alpha_init": "big"}, "alpha_init='big': must be a number > 0$"),
     ],
 )
 def test_bad_option_values_raise_with_key_value_and_choices(key, options, message):
@@ -196,6 +201,53 @@ def test_rmsnorm_uses_the_explicit_eps_under_bf16():
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
     assert (y.float() - bf16_default).abs().max() > 0.1
+
+
+# -----------------------------------------------------------------------------
+# DyT (Zhu et al. 2025): y = weight * tanh(alpha * x) + bias, alpha one scalar per layer
+
+
+def test_dyt_init_and_formula_are_the_official_codes():
+    fresh = build_norm("dyt", C, alpha_init=0.7)
+    assert fresh.alpha.shape == (1,) and fresh.alpha.item() == pytest.approx(0.7)
+    assert torch.equal(fresh.weight, torch.ones(C)) and torch.equal(fresh.bias, torch.zeros(C))
+    norm = make("dyt", {"alpha_init": 0.7})  # perturbed alpha, weight and bias
+    x = rand(B, T, C, scale=3.0, shift=1.0)
+    ref = torch.tanh(norm.alpha * x) * norm.weight + norm.bias
+    torch.testing.assert_close(norm(x), ref, rtol=0, atol=1e-6)
+    nobias = build_norm("dyt", C, bias=False)
+    assert nobias.bias is None
+    torch.testing.assert_close(nobias(x), torch.tanh(0.5 * x), rtol=0, atol=1e-6)
+
+
+def test_dyt_gradients_are_the_analytic_ones():
+    norm = make("dyt", {"alpha_init": 0.6}).double()
+    x = rand(B, T, C, dtype=torch.float64, scale=2.0).requires_grad_()
+    dy = rand(B, T, C, seed=1, dtype=torch.float64)
+    norm(x).backward(dy)
+    a, w = norm.alpha.detach(), norm.weight.detach()
+    t = torch.tanh(a * x.detach())
+    sech2 = 1 - t.square()  # d tanh(u) / du
+    torch.testing.assert_close(x.grad, dy * w * sech2 * a)
+    torch.testing.assert_close(norm.alpha.grad, (dy * w * sech2 * x.detach()).sum().view(1))
+    torch.testing.assert_close(norm.weight.grad, (dy * t).sum((0, 1)))
+    torch.testing.assert_close(norm.bias.grad, dy.sum((0, 1)))
+    torch.autograd.gradcheck(norm, (x.detach().clone().requires_grad_(),))
+
+
+def test_dyt_alpha_is_learned():
+    """Fitting tanh(2x) from alpha_init 0.5: alpha goes where the data says (weight and bias may
+    move too, but only alpha can bend the curve)."""
+    norm = build_norm("dyt", C, alpha_init=0.5)
+    x = rand(64, 1, C, scale=1.5)
+    target = torch.tanh(2.0 * x)
+    opt = torch.optim.Adam(norm.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        F.mse_loss(norm(x), target).backward()
+        opt.step()
+    assert norm.alpha.item() == pytest.approx(2.0, abs=0.1)
+    assert F.mse_loss(norm(x), target).item() < 1e-4
 
 
 # -----------------------------------------------------------------------------

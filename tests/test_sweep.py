@@ -454,3 +454,39 @@ def test_expand_edges_widens_the_range_in_the_same_study(tmp_path):
     later = {t.distributions["train.steps"] for t in trials[2:]}
     assert first == {od.IntDistribution(11, 12)}
     assert later in ({od.IntDistribution(11, 14)}, {od.IntDistribution(9, 12)})
+
+
+@pytest.mark.slow
+def test_sweep_over_dyt_and_qk_norm_end_to_end(tmp_path):
+    """The reviewer's controls as grid axes: norm=layernorm,dyt,bln x model.qk_norm=none,rmsnorm,
+    six cells, every training run probed for leaks, and the table splits cells by both axes."""
+    from analysis import comparison_table, load_runs
+    from bln_sweeps.search import load_manifest
+
+    p = bln_sweep(
+        "norm=layernorm,dyt,bln",
+        "model.qk_norm=none,rmsnorm",
+        "sweep.name=controls",
+        "search.n_trials=1",
+        "search.confirm_seeds=1",
+        "launcher=debug",
+        "search.pruner=none",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    facts = sweep_facts(tmp_path / "sweeps" / "controls")
+    assert len(facts["cells"]) == 6
+    assert_complete(facts, n_trials=1, confirm_seeds=1)
+    training = [r for r in facts["runs"] if r.data.tags["kind"] in ("trial", "confirm")]
+    assert len(training) == 12
+    for r in training:
+        assert r.data.tags["leak.measured"] == r.data.tags["leaky"] == "false"
+        assert r.data.tags["leak.mismatch"] == "false" and r.data.tags["leak.probes"] == "0"
+    cells = {(r.data.params["norm.name"], r.data.params["model.qk_norm"]) for r in training}
+    assert cells == {(n, q) for n in ("layernorm", "dyt", "bln") for q in ("none", "rmsnorm")}
+
+    uri = load_manifest(tmp_path / "sweeps" / "controls")["tracking_uri"]
+    table = comparison_table(load_runs("controls", uri))
+    assert {"norm.name", "model.qk_norm"} <= set(table.attrs["axes"])
+    assert len(table) == 6 and not table["leaky"].any()
