@@ -70,6 +70,33 @@ def _fp32(x: torch.Tensor):
 
 
 # -----------------------------------------------------------------------------
+# The compile path. Under torch.compile (`train.compile=true`) every norm runs a formulation
+# Inductor can fuse: plain differentiable ops, or an autograd.Function whose forward and backward
+# are plain ops (Dynamo traces both into the graph). The hand-written kernels-by-composition of
+# the eager path (out= buffers, borrowed ATen backward kernels, matrix-vector column sums) are
+# faster eagerly but opaque to fusion. The branch is on `torch.compiler.is_compiling()`, which
+# is a constant while Dynamo traces, so it costs no guard and no graph break.
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+@torch.library.custom_op("bln_sweeps::snapshot", mutates_args=())
+def _snapshot(x: torch.Tensor) -> torch.Tensor:
+    """A copy of a buffer's value before this call updates it, as an opaque op. Inductor's
+    partitioner may recompute a plain `buffer.clone()` in the backward graph, which then reads the
+    buffer after the forward's in-place update (pytorch/pytorch#197039, silently wrong
+    gradients); it never recomputes an opaque custom op, so this copy is saved instead."""
+    return x.clone()
+
+
+@_snapshot.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+# -----------------------------------------------------------------------------
 # RMS scaling as an autograd Function: torch's F.rms_norm is a chain of unfused ops on CPU (about
 # 5x LayerNorm's fwd+bwd time), while LayerNorm has fused kernels. The RMSNorm gradient is the
 # LayerNorm gradient with the centring term removed, so we borrow LayerNorm's fused backward
@@ -106,6 +133,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if _compiling():  # one reduction and one pointwise kernel each way once fused
+        y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+        return y if weight is None else y * weight
     return _RMSNormFunction.apply(x, weight, eps)
 
 
@@ -218,6 +248,8 @@ class BatchNorm(nn.Module):
 
     def _train_forward(self, xf: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = xf.shape
+        if pad_mask is not None and _compiling():
+            return self._train_forward_masked_compiled(xf, pad_mask)
         n = B * T if pad_mask is None else int((~pad_mask).sum())  # valid tokens
         if n <= 1:
             raise ValueError(
@@ -243,6 +275,20 @@ class BatchNorm(nn.Module):
             return y.view(B, T, C)
         return xf.new_zeros(B, T, C).masked_scatter(~pad_mask[..., None], y)  # pads -> 0
 
+    def _train_forward_masked_compiled(self, xf: torch.Tensor, pad_mask: torch.Tensor):
+        """The padded train forward as masked sums, for torch.compile: `xf[~pad_mask]` has a
+        data-dependent shape and the n <= 1 check a host sync, so neither is here."""
+        valid = (~pad_mask)[..., None].to(xf.dtype)  # (B, T, 1)
+        n = valid.sum()
+        mean = (xf * valid).sum((0, 1)) / n.clamp_min(1)  # (C,)
+        var = ((xf - mean) * valid).square().sum((0, 1)) / n.clamp_min(1)  # (C,) biased
+        y = (xf - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        with torch.no_grad():  # F.batch_norm's update: EMA with the unbiased variance
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1).clamp_min(1), self.momentum)
+        return y * valid  # pads -> 0
+
 
 class CausalBatchNorm(BatchNorm):
     """OUR OWN variant (not from a paper; NORMS §8.5): BatchNorm whose train-mode statistics at
@@ -258,7 +304,7 @@ class CausalBatchNorm(BatchNorm):
     def _train_forward(self, xf: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         # The running mean (from earlier steps: a constant here) shifts x before the sums of
         # squares, so that E[x^2] - E[x]^2 does not cancel catastrophically.
-        shift = self.running_mean.detach().clone()
+        shift = _snapshot(self.running_mean)
         valid = None if pad_mask is None else ~pad_mask
         y, mean, var, n = _CausalBatchNormFunction.apply(
             xf, self.weight, self.bias, shift, valid, self.eps
@@ -445,8 +491,10 @@ class BatchLayerNorm(nn.Module):
             xf = _upcast(x)
             if not self.training:
                 y = self._eval_forward(xf, pad_mask)
-            elif pad_mask is None:
+            elif pad_mask is None and not _compiling():
                 y = self._train_forward_fast(xf)
+            elif pad_mask is None:
+                y = self._train_forward_plain(xf)
             else:
                 y = self._train_forward_masked(xf, pad_mask)
         return y.to(x.dtype)
@@ -465,7 +513,7 @@ class BatchLayerNorm(nn.Module):
         dims = (0,) if self.batch_axes == "batch" else (0, 1)
         if pad_mask is None:
             var, mean = torch.var_mean(xf, dim=dims, correction=0, keepdim=True)
-            n = xf.new_full(mean.shape[:-1] + (1,), math.prod(xf.shape[d] for d in dims))
+            n = xf.new_full(mean.shape[:-1] + (1,), math.prod([xf.shape[d] for d in dims]))
             return mean, var, n
         pad = pad_mask[..., None]  # (B, T, 1)
         n = (~pad).sum(dims, keepdim=True).to(xf.dtype)
@@ -489,6 +537,18 @@ class BatchLayerNorm(nn.Module):
             var_f = (rstd_f.square().reciprocal() - self.eps).clamp_min(0)  # (B, T, 1) biased
             mean_b, var_b = mean_b.view(-1, C), var_b.view(-1, C)  # (T, C) or (1, C)
             self._update_batch_population(mean_b, var_b, xf.new_full((len(mean_b), 1), rows))
+            self._update_feature_population(mean_f.mean(0), var_f.mean(0), xf.new_full((T, 1), B))
+        return y
+
+    def _train_forward_plain(self, xf: torch.Tensor) -> torch.Tensor:
+        """`_train_forward_fast` in plain ops, for torch.compile: Inductor fuses both branches'
+        reductions and the mix, which it cannot do through `_BLNFunction`."""
+        B, T, C = xf.shape
+        mean_f, var_f = self._feature_moments(xf)  # (B, T, 1)
+        mean_b, var_b, n_b = self._batch_moments(xf, None)  # (1, T, C) or (1, 1, C)
+        y = self._mix(xf, mean_f, var_f, mean_b, var_b)
+        with torch.no_grad():
+            self._update_batch_population(mean_b[0], var_b[0], n_b[0])
             self._update_feature_population(mean_f.mean(0), var_f.mean(0), xf.new_full((T, 1), B))
         return y
 
@@ -649,6 +709,32 @@ class _PowerNormFunction(torch.autograd.Function):
         return du, sum_dy_z, sum_dy, None, None, None, None, None
 
 
+class _PowerNormFusedFunction(torch.autograd.Function):
+    """`_PowerNormFunction` in plain ops, for torch.compile: Dynamo traces both directions into
+    the graph and Inductor fuses them. e (the buffer ema_gz) is an input saved for backward, so
+    AOTAutograd sees its in-place update there as a mutation of a graph input and writes it back
+    (a tensor kept on ctx would be updated in a functional copy and lost). The update comes last:
+    everything before it reads the old e."""
+
+    @staticmethod
+    def forward(ctx, u, weight, bias, r_fwd, r_bwd, ema_gz, alpha_bkw, sum_z2):
+        ctx.save_for_backward(u, weight, r_fwd, r_bwd, sum_z2, ema_gz)
+        ctx.alpha_bkw = alpha_bkw
+        return torch.addcmul(bias, u, weight * r_fwd)
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, weight, r_fwd, r_bwd, sum_z2, e = ctx.saved_tensors
+        r_bwd = r_fwd if r_bwd is None else r_bwd
+        beta = 1.0 - ctx.alpha_bkw
+        n = u.shape[0] * u.shape[1]  # all slots, pads included (as the official code)
+        sum_dy_z = (dy * u).sum((0, 1)) * r_fwd  # (C,) = dweight
+        sum_dy = dy.sum((0, 1))  # (C,) = dbias
+        du = (dy * weight - beta * e * u * r_fwd) * r_bwd  # (g - beta * e * z) * r_bwd
+        e.add_((weight * sum_dy_z - beta * e * sum_z2) / n)
+        return du, sum_dy_z, sum_dy, None, None, None, None, None
+
+
 class PowerNorm(nn.Module):
     """PowerNorm (Shen et al. 2020), the official code's semantics (§7):
 
@@ -738,8 +824,10 @@ class PowerNorm(nn.Module):
 
     def _train_forward(self, u: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
+            # this call's number, 1-based; read through _snapshot, like phi below, because the
+            # backward graph must not recompute r_fwd from the updated buffers
+            k = _snapshot(self.iters).to(u.dtype) + 1
             self.iters.add_(1)
-            k = self.iters.to(u.dtype)  # this call's number, 1-based
             u2 = u.square()
             sum_u2 = _column_sum(u2)  # (C,) over all slots
             if pad_mask is None:
@@ -747,7 +835,7 @@ class PowerNorm(nn.Module):
             else:
                 n = (~pad_mask).sum().clamp_min(1)
                 q = _column_sum(u2.masked_fill_(pad_mask[..., None], 0.0)) / n
-            phi = self.running_phi.clone()  # before this call's update
+            phi = _snapshot(self.running_phi)  # before this call's update
             r_q = torch.rsqrt(q + self.eps)
             # tensor-valued branch on k (no host sync, no recompiles)
             r_fwd = torch.where(k <= self.warmup_calls, r_q, torch.rsqrt(phi + self.eps))
@@ -755,7 +843,12 @@ class PowerNorm(nn.Module):
             cumavg = torch.where(k < self.warmup_calls, phi * (k - 1) / k + q / k, phi)
             self.running_phi.copy_(torch.lerp(q, cumavg, self.alpha_fwd))  # a*cumavg + (1-a)*q
             sum_z2 = sum_u2 * r_fwd.square()
-        return _PowerNormFunction.apply(
+        if _compiling():  # r_bwd None = r_fwd (Dynamo rejects one tensor passed twice)
+            r_bwd = None if r_bwd is r_fwd else r_bwd
+            fn = _PowerNormFusedFunction
+        else:
+            fn = _PowerNormFunction
+        return fn.apply(
             u, self.weight, self.bias, r_fwd, r_bwd, self.ema_gz, self.alpha_bkw, sum_z2
         )
 
