@@ -88,6 +88,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False  # torch.compile the training forward (CPU or CUDA); eval stays eager
+    activation_checkpointing: bool = False  # recompute each block's attention and MLP in backward
     checkpoint_interval: int = 100  # steps between periodic checkpoints; 0 = only at end/signal
     out_dir: str = "runs"  # checkpoints live in <out_dir>/<run key>/
     resume: bool = True  # continue from a checkpoint of the same config when one exists

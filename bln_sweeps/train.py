@@ -44,6 +44,7 @@ def run_key(cfg: RunConfig) -> str:
     d.pop("tracking")
     for k in ("out_dir", "resume", "checkpoint_interval", "log_interval"):
         d["train"].pop(k)
+    d["train"].pop("activation_checkpointing")  # memory for time; the same numbers
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -192,6 +193,7 @@ def run(
     # Everything that can reject the config happens before an MLflow run exists.
     data = build_data(cfg)
     model = build_model(cfg).to(device)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     optimizer = torch.optim.AdamW(
         model.optimizer_groups(cfg.optim.weight_decay),
         lr=cfg.optim.lr,
