@@ -22,6 +22,7 @@ import inspect
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -67,6 +68,34 @@ def _column_sum(x: torch.Tensor) -> torch.Tensor:
 def _fp32(x: torch.Tensor):
     """Context for the statistics: autocast off (we upcast explicitly)."""
     return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+# -----------------------------------------------------------------------------
+# Batch statistics across ranks (option `sync`): "local" reduces over this rank's micro-batch,
+# "global" over the micro-batches of every rank of the default process group (SyncBatchNorm
+# semantics). Statistics are built from sums, and the sums are all-reduced with the autograd-aware
+# all_reduce, whose backward all-reduces the incoming gradient: rank r's input moves every rank's
+# statistics, so its gradient collects every rank's loss through them, exactly as one process
+# holding the whole global batch would compute it.
+
+SYNCS = ("local", "global")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _group_sum(t: torch.Tensor, sync: str) -> torch.Tensor:
+    """t summed over the ranks when sync == "global" and several ranks run; else t itself."""
+    if sync == "local" or not _distributed():
+        return t
+    if not t.requires_grad:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t)
 
 
 # -----------------------------------------------------------------------------
@@ -213,11 +242,12 @@ class BatchNorm(nn.Module):
 
     has_params = True
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1, sync: str = "local"):
         super().__init__()
         _check_float("eps", eps, 0.0, open_low=True)
         _check_float("momentum", momentum, 0.0, 1.0)
-        self.eps, self.momentum = eps, momentum
+        _check_choice("sync", sync, SYNCS)
+        self.eps, self.momentum, self.sync = eps, momentum, sync
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("running_mean", torch.zeros(dim))
@@ -248,8 +278,8 @@ class BatchNorm(nn.Module):
 
     def _train_forward(self, xf: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = xf.shape
-        if pad_mask is not None and _compiling():
-            return self._train_forward_masked_compiled(xf, pad_mask)
+        if self.sync == "global" or (pad_mask is not None and _compiling()):
+            return self._train_forward_sums(xf, pad_mask)
         n = B * T if pad_mask is None else int((~pad_mask).sum())  # valid tokens
         if n <= 1:
             raise ValueError(
@@ -275,13 +305,16 @@ class BatchNorm(nn.Module):
             return y.view(B, T, C)
         return xf.new_zeros(B, T, C).masked_scatter(~pad_mask[..., None], y)  # pads -> 0
 
-    def _train_forward_masked_compiled(self, xf: torch.Tensor, pad_mask: torch.Tensor):
-        """The padded train forward as masked sums, for torch.compile: `xf[~pad_mask]` has a
-        data-dependent shape and the n <= 1 check a host sync, so neither is here."""
-        valid = (~pad_mask)[..., None].to(xf.dtype)  # (B, T, 1)
-        n = valid.sum()
-        mean = (xf * valid).sum((0, 1)) / n.clamp_min(1)  # (C,)
-        var = ((xf - mean) * valid).square().sum((0, 1)) / n.clamp_min(1)  # (C,) biased
+    def _train_forward_sums(self, xf: torch.Tensor, pad_mask: torch.Tensor | None):
+        """The train forward from (masked) sums: for sync="global", whose sums are all-reduced,
+        and for the padded case under torch.compile, where `xf[~pad_mask]` (a data-dependent
+        shape) and the n <= 1 check (a host sync) cannot be. No n <= 1 check here."""
+        B, T, _ = xf.shape
+        valid = xf.new_ones(B, T, 1) if pad_mask is None else (~pad_mask)[..., None].to(xf.dtype)
+        n = _group_sum(valid.sum(), self.sync)  # valid tokens, over the ranks for "global"
+        mean = _group_sum((xf * valid).sum((0, 1)), self.sync) / n.clamp_min(1)  # (C,)
+        sq = ((xf - mean) * valid).square().sum((0, 1))
+        var = _group_sum(sq, self.sync) / n.clamp_min(1)  # (C,) biased
         y = (xf - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
         with torch.no_grad():  # F.batch_norm's update: EMA with the unbiased variance
             self.num_batches_tracked.add_(1)
@@ -297,7 +330,9 @@ class CausalBatchNorm(BatchNorm):
     are updated like BatchNorm's from the whole batch's statistics, and eval uses them. With B = 1
     the statistic at t = 0 is a single token (variance 0): finite, just uninformative."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1, sync: str = "local"):
+        if sync != "local":  # its cumulative sums would need an all-reduce per position
+            raise ValueError(f"sync={sync!r}: causal_batchnorm supports only sync=local")
         super().__init__(dim, eps=eps, momentum=momentum)
         self.causal_in_train = True
 
@@ -435,9 +470,12 @@ class BatchLayerNorm(nn.Module):
         batch_moving_var: bool = True,
         feature_moving_mean: bool = False,
         feature_moving_var: bool = False,
+        sync: str = "local",
     ):
         super().__init__()
         _check_int("batch_size", batch_size, 1)
+        _check_choice("sync", sync, SYNCS)
+        self.sync = sync
         _check_float("eps", eps, 0.0, open_low=True)
         _check_float("zeta", zeta, 0.0)
         _check_bool("scale_by_sqrt_d", scale_by_sqrt_d)
@@ -491,7 +529,7 @@ class BatchLayerNorm(nn.Module):
             xf = _upcast(x)
             if not self.training:
                 y = self._eval_forward(xf, pad_mask)
-            elif pad_mask is None and not _compiling():
+            elif pad_mask is None and not _compiling() and self.sync == "local":
                 y = self._train_forward_fast(xf)
             elif pad_mask is None:
                 y = self._train_forward_plain(xf)
@@ -507,18 +545,26 @@ class BatchLayerNorm(nn.Module):
         y = torch.addcmul(self.bias, xhat_f, w * self.w_feature)
         return y.addcmul_(xhat_b, w * self.w_batch)
 
-    def _batch_moments(self, xf, pad_mask):
+    def _batch_moments(self, xf, pad_mask, sync="local"):
         """Current-batch mean and biased var of the batch branch over valid tokens, and the counts.
         Shapes (1, T, C) and (1, T, 1) for "batch"; (1, 1, C) and (1, 1, 1) for "batch_time"."""
         dims = (0,) if self.batch_axes == "batch" else (0, 1)
-        if pad_mask is None:
+        if pad_mask is None and (sync == "local" or not _distributed()):
             var, mean = torch.var_mean(xf, dim=dims, correction=0, keepdim=True)
             n = xf.new_full(mean.shape[:-1] + (1,), math.prod([xf.shape[d] for d in dims]))
             return mean, var, n
-        pad = pad_mask[..., None]  # (B, T, 1)
-        n = (~pad).sum(dims, keepdim=True).to(xf.dtype)
-        mean = xf.masked_fill(pad, 0.0).sum(dims, keepdim=True) / n.clamp_min(1)
-        var = (xf - mean).masked_fill(pad, 0.0).square().sum(dims, keepdim=True) / n.clamp_min(1)
+        # from sums, all-reduced over the ranks for sync="global"
+        pad = (
+            xf.new_zeros(xf.shape[:2] + (1,), dtype=torch.bool)
+            if pad_mask is None
+            else pad_mask[..., None]
+        )  # (B, T, 1)
+        n = _group_sum((~pad).sum(dims, keepdim=True).to(xf.dtype), sync)
+        mean = _group_sum(
+            xf.masked_fill(pad, 0.0).sum(dims, keepdim=True), sync
+        ) / n.clamp_min(1)
+        sq = (xf - mean).masked_fill(pad, 0.0).square().sum(dims, keepdim=True)
+        var = _group_sum(sq, sync) / n.clamp_min(1)
         return mean, var, n
 
     @staticmethod
@@ -545,23 +591,26 @@ class BatchLayerNorm(nn.Module):
         reductions and the mix, which it cannot do through `_BLNFunction`."""
         B, T, C = xf.shape
         mean_f, var_f = self._feature_moments(xf)  # (B, T, 1)
-        mean_b, var_b, n_b = self._batch_moments(xf, None)  # (1, T, C) or (1, 1, C)
+        mean_b, var_b, n_b = self._batch_moments(xf, None, self.sync)  # (1, T, C) / (1, 1, C)
         y = self._mix(xf, mean_f, var_f, mean_b, var_b)
         with torch.no_grad():
             self._update_batch_population(mean_b[0], var_b[0], n_b[0])
-            self._update_feature_population(mean_f.mean(0), var_f.mean(0), xf.new_full((T, 1), B))
+            n_t = _group_sum(xf.new_full((T, 1), B), self.sync)  # sequences per position
+            mean_ft = _group_sum(mean_f.sum(0), self.sync) / n_t  # (T, 1)
+            var_ft = _group_sum(var_f.sum(0), self.sync) / n_t
+            self._update_feature_population(mean_ft, var_ft, n_t)
         return y
 
     def _train_forward_masked(self, xf: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         mean_f, var_f = self._feature_moments(xf)
-        mean_b, var_b, n_b = self._batch_moments(xf, pad_mask)
+        mean_b, var_b, n_b = self._batch_moments(xf, pad_mask, self.sync)
         y = self._mix(xf, mean_f, var_f, mean_b, var_b)
         with torch.no_grad():
             self._update_batch_population(mean_b[0], var_b[0], n_b[0])
             pad = pad_mask[..., None]  # (B, T, 1)
-            n_t = (~pad).sum(0).to(xf.dtype)  # (T, 1) valid sequences per position
-            mean_ft = mean_f.masked_fill(pad, 0.0).sum(0) / n_t.clamp_min(1)
-            var_ft = var_f.masked_fill(pad, 0.0).sum(0) / n_t.clamp_min(1)
+            n_t = _group_sum((~pad).sum(0).to(xf.dtype), self.sync)  # (T, 1) valid sequences
+            mean_ft = _group_sum(mean_f.masked_fill(pad, 0.0).sum(0), self.sync) / n_t.clamp_min(1)
+            var_ft = _group_sum(var_f.masked_fill(pad, 0.0).sum(0), self.sync) / n_t.clamp_min(1)
             self._update_feature_population(mean_ft, var_ft, n_t)
         return y
 
