@@ -437,6 +437,7 @@ class LauncherConfig:
     workers: int = 2  # worker jobs; each pulls trials until the budgets are spent
     timeout_min: int = 60  # per worker job, always explicit (submitit's local default is 2)
     gpus_per_worker: int = 0  # 0 on CPU-only machines
+    ranks_per_worker: int = 0  # DDP ranks per trial; 0 = one per GPU (gpus_per_worker), else 1
     cpus_per_worker: int = 1
     slurm: dict[str, Any] = field(default_factory=dict)  # submitit slurm_* parameters
 

@@ -26,7 +26,20 @@ def requested() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(device: torch.device) -> torch.device:
+def export_submitit_env() -> None:
+    """In a submitit job of several tasks (SLURM --ntasks-per-node, or the local executor's
+    tasks_per_node): set the torchrun variables for this task from submitit's job environment."""
+    if "SUBMITIT_EXECUTOR" not in os.environ or "RANK" in os.environ:
+        return
+    import submitit
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        # CUDA_VISIBLE_DEVICES stays the job's set: setup picks cuda:LOCAL_RANK in it
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def setup(device: torch.device, timeout: timedelta = timedelta(minutes=10)) -> torch.device:
     """Join the process group when started as a rank (NCCL on CUDA, gloo on CPU) and return
     this rank's device: cuda:LOCAL_RANK on GPUs. A no-op for a single process."""
     if not requested() or dist.is_initialized():
@@ -35,10 +48,11 @@ def setup(device: torch.device) -> torch.device:
     if missing:
         raise RuntimeError(f"WORLD_SIZE > 1 but {', '.join(missing)} not set (torchrun sets all)")
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        # one visible GPU per task (a cluster that binds them) or all of the job's
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    dist.init_process_group(backend, timeout=timeout)
     return device
 
 
@@ -112,3 +126,25 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def follow() -> int:
+    """The loop of a sweep worker's ranks other than 0: train each trial rank 0 hands over,
+    until it hands over None. A failed trial fails on rank 0 too, which records it and goes on,
+    so this rank goes on as well; a preemption ends every rank's process (the job is requeued)."""
+    import logging
+
+    from bln_sweeps.checkpoint import Preempted
+    from bln_sweeps.train import run
+
+    n = 0
+    while (job := from_rank0(None)) is not None:
+        cfg, run_dir = job
+        try:
+            run(cfg, run_dir=run_dir)
+        except Preempted:
+            raise
+        except Exception:
+            logging.getLogger(__name__).exception("rank %d: trial in %s failed", rank(), run_dir)
+        n += 1
+    return n

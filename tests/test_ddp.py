@@ -141,3 +141,48 @@ def test_a_signal_on_one_rank_stops_both_and_the_trial_resumes(make_cfg, mlflow_
     run(make_cfg(*COMMON, *GLOBAL_BN, "batch=b4", "tracking.experiment=ddp-preempt-ref"))
     # the resumed 2-rank trial has the uninterrupted single-process trial's losses
     assert train_losses(tmp_path, 2) == pytest.approx(train_losses(tmp_path, 4), rel=1e-5)
+
+
+@pytest.mark.slow  # a local sweep whose one worker job is 2 ranks: ~2 min on 2 cores
+def test_sweep_worker_of_two_ranks_runs_each_trial_once_on_both(tmp_path):
+    from tests.test_sweep import FAST, bln_sweep, sweep_facts
+
+    p = bln_sweep(
+        "norm=bln",
+        "norm.options.sync=global",
+        "sweep.grid={batch: b4}",  # one cell
+        "sweep.name=ddp",
+        "search.n_trials=3",
+        "search.confirm_seeds=0",
+        "search.sampler=random",
+        "search.pruner=median",
+        "search.params={optim.lr:'choice(3e-3, 1e-7)'}",
+        "launcher.workers=1",
+        "launcher.ranks_per_worker=2",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    facts = sweep_facts(tmp_path / "sweeps" / "ddp")
+    trials = facts["cells"]["batch=b4"]["search"]
+    assert len(trials) == 3 and all(t.state.is_finished() for t in trials)
+    runs = [r for r in facts["runs"] if r.data.tags["kind"] == "trial"]
+    # rank 0 alone logged: one MLflow run per trial, each trained by 2 ranks with global stats
+    assert len(runs) == 3 and {r.data.tags["n_ranks"] for r in runs} == {"2"}
+    assert {r.data.params["norm.options.sync"] for r in runs} == {"global"}
+    logs = list((tmp_path / "sweeps" / "ddp" / "jobs").rglob("*_1_log.err"))
+    assert logs, "no log of rank 1"  # one log per rank, as submitit writes them
+
+
+def test_ranks_per_worker_must_match_the_gpus():
+    from bln_sweeps.config import ConfigError
+    from launchers.submit import ranks_per_worker
+
+    base = {"name": "local", "gpus_per_worker": 0, "ranks_per_worker": 0}
+    assert ranks_per_worker(base) == 1
+    assert ranks_per_worker({**base, "gpus_per_worker": 4}) == 4
+    assert ranks_per_worker({**base, "ranks_per_worker": 2}) == 2  # gloo ranks on CPU
+    with pytest.raises(ConfigError, match="launcher.ranks_per_worker=3.*gpus_per_worker=2"):
+        ranks_per_worker({**base, "gpus_per_worker": 2, "ranks_per_worker": 3})
+    with pytest.raises(ConfigError, match="launcher=debug runs one rank"):
+        ranks_per_worker({**base, "name": "debug", "ranks_per_worker": 2})
