@@ -98,7 +98,8 @@ class TrainConfig:
     log_interval: int = 10  # steps between train-metric logs
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False  # torch.compile the model (CUDA)
+    compile: bool = False  # torch.compile the training forward (CPU or CUDA); eval stays eager
+    activation_checkpointing: bool = False  # recompute each block's attention and MLP in backward
     checkpoint_interval: int = 100  # steps between periodic checkpoints; 0 = only at end/signal
     out_dir: str = "runs"  # checkpoints live in <out_dir>/<run key>/
     resume: bool = True  # continue from a checkpoint of the same config when one exists
@@ -494,6 +495,7 @@ class LauncherConfig:
     workers: int = 2  # worker jobs; each pulls trials until the budgets are spent
     timeout_min: int = 60  # per worker job, always explicit (submitit's local default is 2)
     gpus_per_worker: int = 0  # 0 on CPU-only machines
+    ranks_per_worker: int = 0  # DDP ranks per trial; 0 = one per GPU (gpus_per_worker), else 1
     cpus_per_worker: int = 1
     slurm: dict[str, Any] = field(default_factory=dict)  # submitit slurm_* parameters
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from bln_sweeps.config import NORM_PLACEMENTS, QK_NORMS
 
@@ -125,15 +126,26 @@ class Block(nn.Module):
         if self.peri:
             self.ln_1_out = norm_factory("ln_1_out")
             self.ln_2_out = norm_factory("ln_2_out")
+        self.activation_checkpointing = False  # set by GPT.set_activation_checkpointing
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.peri:  # x + N_out(F(N_in(x)))
-            x = x + self.ln_1_out(self.attn(self.ln_1(x, pad_mask)), pad_mask)
-            x = x + self.ln_2_out(self.mlp(self.ln_2(x, pad_mask)), pad_mask)
+            x = x + self.ln_1_out(self.sublayer(self.attn, self.ln_1(x, pad_mask)), pad_mask)
+            x = x + self.ln_2_out(self.sublayer(self.mlp, self.ln_2(x, pad_mask)), pad_mask)
             return x
-        x = x + self.attn(self.ln_1(x, pad_mask))
-        x = x + self.mlp(self.ln_2(x, pad_mask))
+        x = x + self.sublayer(self.attn, self.ln_1(x, pad_mask))
+        x = x + self.sublayer(self.mlp, self.ln_2(x, pad_mask))
         return x
+
+    def sublayer(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        # Activation checkpointing keeps only the sublayer's input h (B, T, C) and recomputes its
+        # insides (qkv, attention output, the 4C-wide MLP activations) during backward. The norms
+        # stay outside it: a batch-statistic norm run twice would update its running statistics
+        # (and PowerNorm its call counter and phi) twice, and PowerNorm's recomputed output would
+        # use the updated phi.
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, h, use_reentrant=False)
+        return layer(h)
 
 
 def layernorm_factory(config: GPTConfig) -> NormFactory:
@@ -173,6 +185,12 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's attention and MLP in backward instead of storing them: at seq
+        4096 their activations dominate memory (~17 x (B, T, C) per block)."""
+        for block in self.transformer.h:
+            block.activation_checkpointing = enabled
 
     def norm_modules(self) -> list[tuple[str, nn.Module]]:
         """The norm sites from the factory, by their state_dict prefix: 2 * n_layer + 1 with

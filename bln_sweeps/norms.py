@@ -22,6 +22,7 @@ import inspect
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -70,6 +71,61 @@ def _fp32(x: torch.Tensor):
 
 
 # -----------------------------------------------------------------------------
+# Batch statistics across ranks (option `sync`): "local" reduces over this rank's micro-batch,
+# "global" over the micro-batches of every rank of the default process group (SyncBatchNorm
+# semantics). Statistics are built from sums, and the sums are all-reduced with the autograd-aware
+# all_reduce, whose backward all-reduces the incoming gradient: rank r's input moves every rank's
+# statistics, so its gradient collects every rank's loss through them, exactly as one process
+# holding the whole global batch would compute it.
+
+SYNCS = ("local", "global")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _group_sum(t: torch.Tensor, sync: str) -> torch.Tensor:
+    """t summed over the ranks when sync == "global" and several ranks run; else t itself."""
+    if sync == "local" or not _distributed():
+        return t
+    if not t.requires_grad:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t)
+
+
+# -----------------------------------------------------------------------------
+# The compile path. Under torch.compile (`train.compile=true`) every norm runs a formulation
+# Inductor can fuse: plain differentiable ops, or an autograd.Function whose forward and backward
+# are plain ops (Dynamo traces both into the graph). The hand-written kernels-by-composition of
+# the eager path (out= buffers, borrowed ATen backward kernels, matrix-vector column sums) are
+# faster eagerly but opaque to fusion. The branch is on `torch.compiler.is_compiling()`, which
+# is a constant while Dynamo traces, so it costs no guard and no graph break.
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+@torch.library.custom_op("bln_sweeps::snapshot", mutates_args=())
+def _snapshot(x: torch.Tensor) -> torch.Tensor:
+    """A copy of a buffer's value before this call updates it, as an opaque op. Inductor's
+    partitioner may recompute a plain `buffer.clone()` in the backward graph, which then reads the
+    buffer after the forward's in-place update (pytorch/pytorch#197039, silently wrong
+    gradients); it never recomputes an opaque custom op, so this copy is saved instead."""
+    return x.clone()
+
+
+@_snapshot.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+# -----------------------------------------------------------------------------
 # RMS scaling as an autograd Function: torch's F.rms_norm is a chain of unfused ops on CPU (about
 # 5x LayerNorm's fwd+bwd time), while LayerNorm has fused kernels. The RMSNorm gradient is the
 # LayerNorm gradient with the centring term removed, so we borrow LayerNorm's fused backward
@@ -106,6 +162,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if _compiling():  # one reduction and one pointwise kernel each way once fused
+        y = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+        return y if weight is None else y * weight
     return _RMSNormFunction.apply(x, weight, eps)
 
 
@@ -214,11 +273,12 @@ class BatchNorm(nn.Module):
 
     has_params = True
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1, sync: str = "local"):
         super().__init__()
         _check_float("eps", eps, 0.0, open_low=True)
         _check_float("momentum", momentum, 0.0, 1.0)
-        self.eps, self.momentum = eps, momentum
+        _check_choice("sync", sync, SYNCS)
+        self.eps, self.momentum, self.sync = eps, momentum, sync
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("running_mean", torch.zeros(dim))
@@ -249,6 +309,8 @@ class BatchNorm(nn.Module):
 
     def _train_forward(self, xf: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = xf.shape
+        if self.sync == "global" or (pad_mask is not None and _compiling()):
+            return self._train_forward_sums(xf, pad_mask)
         n = B * T if pad_mask is None else int((~pad_mask).sum())  # valid tokens
         if n <= 1:
             raise ValueError(
@@ -274,6 +336,23 @@ class BatchNorm(nn.Module):
             return y.view(B, T, C)
         return xf.new_zeros(B, T, C).masked_scatter(~pad_mask[..., None], y)  # pads -> 0
 
+    def _train_forward_sums(self, xf: torch.Tensor, pad_mask: torch.Tensor | None):
+        """The train forward from (masked) sums: for sync="global", whose sums are all-reduced,
+        and for the padded case under torch.compile, where `xf[~pad_mask]` (a data-dependent
+        shape) and the n <= 1 check (a host sync) cannot be. No n <= 1 check here."""
+        B, T, _ = xf.shape
+        valid = xf.new_ones(B, T, 1) if pad_mask is None else (~pad_mask)[..., None].to(xf.dtype)
+        n = _group_sum(valid.sum(), self.sync)  # valid tokens, over the ranks for "global"
+        mean = _group_sum((xf * valid).sum((0, 1)), self.sync) / n.clamp_min(1)  # (C,)
+        sq = ((xf - mean) * valid).square().sum((0, 1))
+        var = _group_sum(sq, self.sync) / n.clamp_min(1)  # (C,) biased
+        y = (xf - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        with torch.no_grad():  # F.batch_norm's update: EMA with the unbiased variance
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1).clamp_min(1), self.momentum)
+        return y * valid  # pads -> 0
+
 
 class CausalBatchNorm(BatchNorm):
     """OUR OWN variant (not from a paper; NORMS §8.5): BatchNorm whose train-mode statistics at
@@ -282,14 +361,16 @@ class CausalBatchNorm(BatchNorm):
     are updated like BatchNorm's from the whole batch's statistics, and eval uses them. With B = 1
     the statistic at t = 0 is a single token (variance 0): finite, just uninformative."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1, sync: str = "local"):
+        if sync != "local":  # its cumulative sums would need an all-reduce per position
+            raise ValueError(f"sync={sync!r}: causal_batchnorm supports only sync=local")
         super().__init__(dim, eps=eps, momentum=momentum)
         self.causal_in_train = True
 
     def _train_forward(self, xf: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         # The running mean (from earlier steps: a constant here) shifts x before the sums of
         # squares, so that E[x^2] - E[x]^2 does not cancel catastrophically.
-        shift = self.running_mean.detach().clone()
+        shift = _snapshot(self.running_mean)
         valid = None if pad_mask is None else ~pad_mask
         y, mean, var, n = _CausalBatchNormFunction.apply(
             xf, self.weight, self.bias, shift, valid, self.eps
@@ -420,9 +501,12 @@ class BatchLayerNorm(nn.Module):
         batch_moving_var: bool = True,
         feature_moving_mean: bool = False,
         feature_moving_var: bool = False,
+        sync: str = "local",
     ):
         super().__init__()
         _check_int("batch_size", batch_size, 1)
+        _check_choice("sync", sync, SYNCS)
+        self.sync = sync
         _check_float("eps", eps, 0.0, open_low=True)
         _check_float("zeta", zeta, 0.0)
         _check_bool("scale_by_sqrt_d", scale_by_sqrt_d)
@@ -476,8 +560,10 @@ class BatchLayerNorm(nn.Module):
             xf = _upcast(x)
             if not self.training:
                 y = self._eval_forward(xf, pad_mask)
-            elif pad_mask is None:
+            elif pad_mask is None and not _compiling() and self.sync == "local":
                 y = self._train_forward_fast(xf)
+            elif pad_mask is None:
+                y = self._train_forward_plain(xf)
             else:
                 y = self._train_forward_masked(xf, pad_mask)
         return y.to(x.dtype)
@@ -490,18 +576,26 @@ class BatchLayerNorm(nn.Module):
         y = torch.addcmul(self.bias, xhat_f, w * self.w_feature)
         return y.addcmul_(xhat_b, w * self.w_batch)
 
-    def _batch_moments(self, xf, pad_mask):
+    def _batch_moments(self, xf, pad_mask, sync="local"):
         """Current-batch mean and biased var of the batch branch over valid tokens, and the counts.
         Shapes (1, T, C) and (1, T, 1) for "batch"; (1, 1, C) and (1, 1, 1) for "batch_time"."""
         dims = (0,) if self.batch_axes == "batch" else (0, 1)
-        if pad_mask is None:
+        if pad_mask is None and (sync == "local" or not _distributed()):
             var, mean = torch.var_mean(xf, dim=dims, correction=0, keepdim=True)
-            n = xf.new_full(mean.shape[:-1] + (1,), math.prod(xf.shape[d] for d in dims))
+            n = xf.new_full(mean.shape[:-1] + (1,), math.prod([xf.shape[d] for d in dims]))
             return mean, var, n
-        pad = pad_mask[..., None]  # (B, T, 1)
-        n = (~pad).sum(dims, keepdim=True).to(xf.dtype)
-        mean = xf.masked_fill(pad, 0.0).sum(dims, keepdim=True) / n.clamp_min(1)
-        var = (xf - mean).masked_fill(pad, 0.0).square().sum(dims, keepdim=True) / n.clamp_min(1)
+        # from sums, all-reduced over the ranks for sync="global"
+        pad = (
+            xf.new_zeros(xf.shape[:2] + (1,), dtype=torch.bool)
+            if pad_mask is None
+            else pad_mask[..., None]
+        )  # (B, T, 1)
+        n = _group_sum((~pad).sum(dims, keepdim=True).to(xf.dtype), sync)
+        mean = _group_sum(
+            xf.masked_fill(pad, 0.0).sum(dims, keepdim=True), sync
+        ) / n.clamp_min(1)
+        sq = (xf - mean).masked_fill(pad, 0.0).square().sum(dims, keepdim=True)
+        var = _group_sum(sq, sync) / n.clamp_min(1)
         return mean, var, n
 
     @staticmethod
@@ -523,16 +617,31 @@ class BatchLayerNorm(nn.Module):
             self._update_feature_population(mean_f.mean(0), var_f.mean(0), xf.new_full((T, 1), B))
         return y
 
+    def _train_forward_plain(self, xf: torch.Tensor) -> torch.Tensor:
+        """`_train_forward_fast` in plain ops, for torch.compile: Inductor fuses both branches'
+        reductions and the mix, which it cannot do through `_BLNFunction`."""
+        B, T, C = xf.shape
+        mean_f, var_f = self._feature_moments(xf)  # (B, T, 1)
+        mean_b, var_b, n_b = self._batch_moments(xf, None, self.sync)  # (1, T, C) / (1, 1, C)
+        y = self._mix(xf, mean_f, var_f, mean_b, var_b)
+        with torch.no_grad():
+            self._update_batch_population(mean_b[0], var_b[0], n_b[0])
+            n_t = _group_sum(xf.new_full((T, 1), B), self.sync)  # sequences per position
+            mean_ft = _group_sum(mean_f.sum(0), self.sync) / n_t  # (T, 1)
+            var_ft = _group_sum(var_f.sum(0), self.sync) / n_t
+            self._update_feature_population(mean_ft, var_ft, n_t)
+        return y
+
     def _train_forward_masked(self, xf: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         mean_f, var_f = self._feature_moments(xf)
-        mean_b, var_b, n_b = self._batch_moments(xf, pad_mask)
+        mean_b, var_b, n_b = self._batch_moments(xf, pad_mask, self.sync)
         y = self._mix(xf, mean_f, var_f, mean_b, var_b)
         with torch.no_grad():
             self._update_batch_population(mean_b[0], var_b[0], n_b[0])
             pad = pad_mask[..., None]  # (B, T, 1)
-            n_t = (~pad).sum(0).to(xf.dtype)  # (T, 1) valid sequences per position
-            mean_ft = mean_f.masked_fill(pad, 0.0).sum(0) / n_t.clamp_min(1)
-            var_ft = var_f.masked_fill(pad, 0.0).sum(0) / n_t.clamp_min(1)
+            n_t = _group_sum((~pad).sum(0).to(xf.dtype), self.sync)  # (T, 1) valid sequences
+            mean_ft = _group_sum(mean_f.masked_fill(pad, 0.0).sum(0), self.sync) / n_t.clamp_min(1)
+            var_ft = _group_sum(var_f.masked_fill(pad, 0.0).sum(0), self.sync) / n_t.clamp_min(1)
             self._update_feature_population(mean_ft, var_ft, n_t)
         return y
 
@@ -680,6 +789,32 @@ class _PowerNormFunction(torch.autograd.Function):
         return du, sum_dy_z, sum_dy, None, None, None, None, None
 
 
+class _PowerNormFusedFunction(torch.autograd.Function):
+    """`_PowerNormFunction` in plain ops, for torch.compile: Dynamo traces both directions into
+    the graph and Inductor fuses them. e (the buffer ema_gz) is an input saved for backward, so
+    AOTAutograd sees its in-place update there as a mutation of a graph input and writes it back
+    (a tensor kept on ctx would be updated in a functional copy and lost). The update comes last:
+    everything before it reads the old e."""
+
+    @staticmethod
+    def forward(ctx, u, weight, bias, r_fwd, r_bwd, ema_gz, alpha_bkw, sum_z2):
+        ctx.save_for_backward(u, weight, r_fwd, r_bwd, sum_z2, ema_gz)
+        ctx.alpha_bkw = alpha_bkw
+        return torch.addcmul(bias, u, weight * r_fwd)
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, weight, r_fwd, r_bwd, sum_z2, e = ctx.saved_tensors
+        r_bwd = r_fwd if r_bwd is None else r_bwd
+        beta = 1.0 - ctx.alpha_bkw
+        n = u.shape[0] * u.shape[1]  # all slots, pads included (as the official code)
+        sum_dy_z = (dy * u).sum((0, 1)) * r_fwd  # (C,) = dweight
+        sum_dy = dy.sum((0, 1))  # (C,) = dbias
+        du = (dy * weight - beta * e * u * r_fwd) * r_bwd  # (g - beta * e * z) * r_bwd
+        e.add_((weight * sum_dy_z - beta * e * sum_z2) / n)
+        return du, sum_dy_z, sum_dy, None, None, None, None, None
+
+
 class PowerNorm(nn.Module):
     """PowerNorm (Shen et al. 2020), the official code's semantics (§7):
 
@@ -769,8 +904,10 @@ class PowerNorm(nn.Module):
 
     def _train_forward(self, u: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
+            # this call's number, 1-based; read through _snapshot, like phi below, because the
+            # backward graph must not recompute r_fwd from the updated buffers
+            k = _snapshot(self.iters).to(u.dtype) + 1
             self.iters.add_(1)
-            k = self.iters.to(u.dtype)  # this call's number, 1-based
             u2 = u.square()
             sum_u2 = _column_sum(u2)  # (C,) over all slots
             if pad_mask is None:
@@ -778,7 +915,7 @@ class PowerNorm(nn.Module):
             else:
                 n = (~pad_mask).sum().clamp_min(1)
                 q = _column_sum(u2.masked_fill_(pad_mask[..., None], 0.0)) / n
-            phi = self.running_phi.clone()  # before this call's update
+            phi = _snapshot(self.running_phi)  # before this call's update
             r_q = torch.rsqrt(q + self.eps)
             # tensor-valued branch on k (no host sync, no recompiles)
             r_fwd = torch.where(k <= self.warmup_calls, r_q, torch.rsqrt(phi + self.eps))
@@ -786,7 +923,12 @@ class PowerNorm(nn.Module):
             cumavg = torch.where(k < self.warmup_calls, phi * (k - 1) / k + q / k, phi)
             self.running_phi.copy_(torch.lerp(q, cumavg, self.alpha_fwd))  # a*cumavg + (1-a)*q
             sum_z2 = sum_u2 * r_fwd.square()
-        return _PowerNormFunction.apply(
+        if _compiling():  # r_bwd None = r_fwd (Dynamo rejects one tensor passed twice)
+            r_bwd = None if r_bwd is r_fwd else r_bwd
+            fn = _PowerNormFusedFunction
+        else:
+            fn = _PowerNormFunction
+        return fn.apply(
             u, self.weight, self.bias, r_fwd, r_bwd, self.ema_gz, self.alpha_bkw, sum_z2
         )
 

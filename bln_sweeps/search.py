@@ -513,6 +513,7 @@ class Worker:
         }.items():
             store.set_trial_user_attr(trial._trial_id, k, v)
 
+        from bln_sweeps import distributed
         from bln_sweeps.checkpoint import Preempted
         from bln_sweeps.train import run
 
@@ -541,6 +542,7 @@ class Worker:
         }
         try:
             with Heartbeat(study, trial._trial_id):
+                distributed.from_rank0((cfg, Path(run_dir)))  # the other ranks train it too
                 result = run(
                     cfg,
                     run_dir=Path(run_dir),
@@ -646,8 +648,26 @@ def _space_entry(manifest: dict, cell: dict, key: str) -> str:
 
 
 def worker_main(sweep_dir: str, worker_id: int = 0) -> int:
-    """Entry point of a worker job (what the launchers submit)."""
-    return Worker(Path(sweep_dir), worker_id).run()
+    """Entry point of a worker job (what the launchers submit). A job of several tasks
+    (launcher.ranks_per_worker > 1) trains every trial as that many DDP ranks: rank 0 runs the
+    worker loop (Optuna, MLflow) and hands each trial to the others, which follow."""
+    from datetime import timedelta
+
+    import torch
+
+    from bln_sweeps import distributed
+
+    distributed.export_submitit_env()
+    if not distributed.requested():
+        return Worker(Path(sweep_dir), worker_id).run()
+    # the other ranks wait in a broadcast while rank 0 asks Optuna or waits for a budget
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    distributed.setup(device, timeout=timedelta(hours=6))
+    if distributed.rank() > 0:
+        return distributed.follow()
+    n = Worker(Path(sweep_dir), worker_id).run()
+    distributed.from_rank0(None)  # every budget spent: the other ranks stop
+    return n
 
 
 def close_parent_runs(manifest: dict) -> None:

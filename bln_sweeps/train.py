@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bln_sweeps import checkpoint, leak
+from bln_sweeps import checkpoint, distributed, leak
 from bln_sweeps.config import RunConfig
 from bln_sweeps.credentials import mask_tree
 from bln_sweeps.data import BatchSampler, build_data, eval_splits, eval_windows
@@ -52,6 +52,7 @@ def run_key(cfg: RunConfig) -> str:
     d.pop("tracking")
     for k in ("out_dir", "resume", "checkpoint_interval", "log_interval"):
         d["train"].pop(k)
+    d["train"].pop("activation_checkpointing")  # memory for time; the same numbers
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -90,6 +91,8 @@ def norm_factory(cfg: RunConfig) -> Callable[[str], torch.nn.Module]:
         return opts
 
     block_opts = options_for(cfg.norm.name, cfg.norm.options)
+    if block_opts.get("sync") == "global" and "batch_size" in block_opts:
+        block_opts["batch_size"] *= distributed.world_size()  # BLN's m: the global batch
     final = cfg.norm.final or cfg.norm.name
     final_opts = block_opts if final == cfg.norm.name else options_for(final, {})
 
@@ -204,7 +207,7 @@ def run(
         return state["result"]
 
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg)
+    device = distributed.setup(pick_device(cfg))  # a rank of a DDP trial: its own device
     use_bf16 = cfg.train.dtype == "bfloat16" or (
         cfg.train.dtype == "auto" and device.type == "cuda"
     )
@@ -217,6 +220,7 @@ def run(
     # Everything that can reject the config happens before an MLflow run exists.
     data = build_data(cfg)
     model = build_model(cfg).to(device)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     optimizer = torch.optim.AdamW(
         model.optimizer_groups(cfg.optim.weight_decay),
         lr=cfg.optim.lr,
@@ -224,7 +228,9 @@ def run(
         eps=cfg.optim.eps,
         fused=device.type == "cuda",
     )
-    sampler = BatchSampler(data.train, cfg.batch.size, cfg.seq.len, seed=cfg.seed)
+    # one global batch of batch.size rows per rank; distributed.shard takes this rank's rows
+    world = distributed.world_size()
+    sampler = BatchSampler(data.train, cfg.batch.size * world, cfg.seq.len, seed=cfg.seed)
     # Selection (val) and test windows: fixed by eval.tokens and seq.len, whatever the batch size.
     held_out = {
         split: tuple(t.to(device) for t in eval_windows(tokens, cfg.seq.len, cfg.eval.tokens))
@@ -237,7 +243,8 @@ def run(
         sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
         step, history = state["step"], state["history"]
-    fwd = torch.compile(model) if cfg.train.compile and device.type == "cuda" else model
+    fwd = distributed.wrap(model, device)  # DDP over the ranks; the model itself when alone
+    fwd = torch.compile(fwd) if cfg.train.compile else fwd  # norms switch to fusable code
 
     leaky = is_leaky(model)
     uri = resolve_tracking_uri(cfg.tracking.uri, Path.cwd())
@@ -249,7 +256,7 @@ def run(
         earlier = run_id_file.read_text().strip() or None
 
     def start_logger(run_id: str | None) -> RunLogger:
-        if not cfg.tracking.enabled:
+        if not cfg.tracking.enabled or not distributed.is_rank0():
             return RunLogger.disabled()
         return RunLogger.start(
             uri,
@@ -263,6 +270,7 @@ def run(
                 **(leak.summary(history["leak"]) if history.get("leak") else {}),
                 "kind": "single",
                 "run_key": run_key(cfg),
+                "n_ranks": str(world),
                 "n_params": str(model.num_params()),
                 "status": "running",
                 **(tags or {}),
@@ -284,6 +292,8 @@ def run(
         logger.set_tags({"resumed_from_step": str(step)})
 
     def save(status: str, result: dict | None = None) -> None:
+        if not distributed.is_rank0():  # the ranks hold the same state; one writes it
+            return
         checkpoint.save(
             ckpt_path,
             {
@@ -337,7 +347,7 @@ def run(
                 inject_fault(cfg.train.fault, step + 1)
                 loss_sum = 0.0
                 for _ in range(accum):
-                    x, y = sampler.next_batch()
+                    x, y = distributed.shard(*sampler.next_batch())
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with autocast():
                         _, loss = fwd(x, y)
@@ -349,7 +359,7 @@ def run(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 window_steps += 1
-                train_loss = loss_sum / accum
+                train_loss = distributed.mean(loss_sum / accum)  # every rank: the same verdict
                 history["train_step"].append(step)
                 history["train_loss"].append(train_loss)
 
@@ -373,16 +383,18 @@ def run(
                     last = step == cfg.train.steps
                     metrics = eval_now(("val", "test") if last else ("val",))
                     stop = on_eval(step, metrics) if on_eval is not None else None
+                    stop = distributed.from_rank0(stop)  # rank 0 talks to the pruner
                     t_window, window_steps = time.perf_counter(), 0  # eval is not training time
                     if stop:
                         status, reason = "pruned", stop
                         break
                 history["wall_s"] = wall_before + time.perf_counter() - t_start
-                if signals.received is not None:
+                received = distributed.signal_on_any_rank(signals.received)
+                if received is not None:
                     save("running")
                     logger.set_tags({"status": "preempted", "status_reason": "signal"})
                     logger.end("KILLED")
-                    raise checkpoint.Preempted(step, signals.received, ckpt_path)
+                    raise checkpoint.Preempted(step, received, ckpt_path)
                 ckpt_every = cfg.train.checkpoint_interval
                 if ckpt_every and step % ckpt_every == 0 and step < cfg.train.steps:
                     save("running")
@@ -402,7 +414,7 @@ def run(
     if reason:
         result["status_reason"] = reason
     logger.set_tags({"status": status, **({"status_reason": reason} if reason else {})})
-    if cfg.tracking.enabled:
+    if cfg.tracking.enabled and distributed.is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
         plot = run_dir / "loss_curve.png"
         plot_losses(history, plot)

@@ -213,6 +213,10 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
     }
     if launcher["gpus_per_worker"]:
         params["gpus_per_node"] = launcher["gpus_per_worker"]
+    from launchers.submit import ranks_per_worker
+
+    if ranks_per_worker(launcher) > 1:  # one task per rank; submitit runs the worker in each
+        params["ntasks_per_node"] = ranks_per_worker(launcher)
     try:  # submitit's own check of every value (what update_parameters runs)
         submitit.slurm.slurm._make_sbatch_string(command="true", folder="/tmp", **params)
     except Exception as e:

@@ -47,9 +47,31 @@ def gpu_assignment(workers: int, gpus_per_worker: int, gpus: list[int]) -> list[
     return [gpus[i * gpus_per_worker : (i + 1) * gpus_per_worker] for i in range(workers)]
 
 
+def ranks_per_worker(launcher: dict[str, Any]) -> int:
+    """Processes per worker job, each one rank of every trial it runs (DDP): one per GPU, or
+    `launcher.ranks_per_worker` (which must then equal gpus_per_worker, or stands alone on CPU,
+    where the ranks talk over gloo)."""
+    ranks, gpus = launcher.get("ranks_per_worker", 0), launcher["gpus_per_worker"]
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 0:
+        raise ConfigError("launcher.ranks_per_worker", ranks, "a whole number >= 0")
+    if ranks and gpus and ranks != gpus:
+        raise ConfigError(
+            "launcher.ranks_per_worker",
+            ranks,
+            f"must equal launcher.gpus_per_worker={gpus} (one rank per GPU) or be 0",
+        )
+    ranks = ranks or max(1, gpus)
+    if ranks > 1 and launcher["name"] == "debug":
+        raise ConfigError(
+            "launcher.ranks_per_worker", ranks, "launcher=debug runs one rank; use local or slurm"
+        )
+    return ranks
+
+
 def check_launcher(launcher: dict[str, Any], sweep_dir: Path | None = None) -> None:
     if launcher["name"] not in LAUNCHERS:
         raise ConfigError("launcher", launcher["name"], f"valid choices: {', '.join(LAUNCHERS)}")
+    ranks_per_worker(launcher)
     if launcher["name"] == "local":
         gpu_assignment(launcher["workers"], launcher["gpus_per_worker"], visible_gpus())
     if launcher["name"] == "slurm":
@@ -91,6 +113,7 @@ def submit_workers(sweep_dir: Path, launcher: dict[str, Any], first_id: int = 0)
                 timeout_min=launcher["timeout_min"],
                 gpus_per_node=len(worker_gpus),
                 visible_gpus=worker_gpus,
+                tasks_per_node=ranks_per_worker(launcher),  # the ranks of each trial
             )
             job = ex.submit(worker_main, str(sweep_dir), first_id + i)
             job._cancel_at_deletion = False  # workers outlive a detached or killed driver

@@ -1,0 +1,132 @@
+"""Batch statistics across ranks (`norm.options.sync`), on CPU with gloo and 2 ranks.
+
+Each case splits one global batch (B = 4 sequences) into two per-rank micro-batches of 2. With
+sync=global the norm must be the single-process norm over the global batch: the same outputs,
+the same input gradients, parameter gradients that sum over the ranks to the single-process ones
+(what DDP's gradient all-reduce adds up), and the same running statistics on every rank. With
+sync=local each rank is the single-process norm of its own micro-batch.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bln_sweeps.norms import build_norm
+
+B, T, C, RANKS = 4, 8, 12, 2
+CASES = {  # label -> (registry key, options, padded)
+    "batchnorm": ("batchnorm", {}, False),
+    "batchnorm_padded": ("batchnorm", {}, True),
+    "bln": ("bln", {"batch_size": B, "max_len": T}, False),
+    "bln_padded": ("bln", {"batch_size": B, "max_len": T}, True),
+    "bln_batch_time": ("bln", {"batch_size": B, "max_len": T, "batch_axes": "batch_time"}, False),
+}
+
+
+def data(padded: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, C, generator=g, dtype=torch.float64) * 2 + 0.5
+    dy = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    pad = None
+    if padded:  # ragged ends; position 0 stays valid in every sequence
+        pad = torch.arange(T).expand(B, T) >= torch.tensor([[T], [T - 3], [T - 1], [2]])
+    return x, dy, pad
+
+
+def make(key, options, sync):
+    torch.manual_seed(0)
+    norm = build_norm(key, C, **options, sync=sync).double().train()
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return norm
+
+
+def fwd_bwd(norm, x, dy, pad, steps=2):
+    """Two train steps (so running statistics move twice); outputs and grads of the last."""
+    for _ in range(steps):
+        norm.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = norm(xg, pad)
+        if pad is not None:
+            y = y.masked_fill(pad[..., None], 0.0)
+        y.backward(dy)
+    grads = {k: p.grad.clone() for k, p in norm.named_parameters()}
+    return {
+        "y": y.detach(),
+        "dx": xg.grad,
+        "grads": grads,
+        "buffers": copy.deepcopy(norm.state_dict()),
+    }
+
+
+def worker(rank: int, store: str, out: str, sync: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=RANKS)
+    try:
+        results = {}
+        part = slice(rank * B // RANKS, (rank + 1) * B // RANKS)
+        for label, (key, options, padded) in CASES.items():
+            x, dy, pad = data(padded)
+            norm = make(key, options, sync)
+            results[label] = fwd_bwd(norm, x[part], dy[part], None if pad is None else pad[part])
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=["global", "local"])
+def ranks(request, tmp_path_factory):
+    """Both ranks' results for every case, for one sync mode (one process group per mode)."""
+    tmp = tmp_path_factory.mktemp(f"sync_{request.param}")
+    mp.spawn(worker, args=(str(tmp / "store"), str(tmp), request.param), nprocs=RANKS)
+    return request.param, [torch.load(tmp / f"rank{r}.pt") for r in range(RANKS)]
+
+
+def close(a, b, what):
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("label", list(CASES))
+def test_sync_matches_the_single_process_norm(ranks, label):
+    sync, results = ranks
+    key, options, padded = CASES[label]
+    x, dy, pad = data(padded)
+    half = B // RANKS
+    if sync == "global":  # one process, the whole global batch
+        ref = fwd_bwd(make(key, options, "local"), x, dy, pad)
+        y = torch.cat([r[label]["y"] for r in results])
+        close(y, ref["y"], "output")
+        close(torch.cat([r[label]["dx"] for r in results]), ref["dx"], "input grad")
+        for name, g in ref["grads"].items():
+            close(sum(r[label]["grads"][name] for r in results), g, f"{name}.grad summed")
+        for r in results:
+            for name, b in ref["buffers"].items():
+                close(r[label]["buffers"][name], b, f"buffer {name}")
+        return
+    for rank, r in enumerate(results):  # local: each rank alone on its micro-batch
+        part = slice(rank * half, (rank + 1) * half)
+        ref = fwd_bwd(
+            make(key, options, "local"), x[part], dy[part], None if pad is None else pad[part]
+        )
+        close(r[label]["y"], ref["y"], f"rank {rank} output")
+        close(r[label]["dx"], ref["dx"], f"rank {rank} input grad")
+        for name, b in ref["buffers"].items():
+            close(r[label]["buffers"][name], b, f"rank {rank} buffer {name}")
+    # and the ranks' statistics differ: local really is per rank
+    assert not torch.equal(
+        results[0][label]["y"], results[1][label]["y"][: len(results[0][label]["y"])]
+    )
+
+
+@pytest.mark.parametrize("key", ["layernorm", "rmsnorm", "powernorm", "causal_batchnorm"])
+def test_sync_global_is_rejected_where_unsupported(key):
+    with pytest.raises(ValueError, match="sync"):
+        build_norm(key, C, sync="global")
+
+
+def test_sync_must_be_local_or_global():
+    with pytest.raises(ValueError, match=r"sync='all': valid choices: local, global"):
+        build_norm("batchnorm", C, sync="all")
