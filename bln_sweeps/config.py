@@ -428,6 +428,7 @@ class SearchConfig:
     seed: int = 0  # sampler seed
     params: dict[str, Any] = field(default_factory=dict)  # key -> distribution (every cell)
     per_norm: dict[str, dict[str, Any]] = field(default_factory=dict)  # norm -> extra params
+    budget_hours: float | None = None  # device-hours cap on the search; None = no cap
 
 
 @dataclass
@@ -437,6 +438,7 @@ class LauncherConfig:
     timeout_min: int = 60  # per worker job, always explicit (submitit's local default is 2)
     gpus_per_worker: int = 0  # 0 on CPU-only machines
     cpus_per_worker: int = 1
+    assumed_tflops: float | None = None  # throughput per worker for --dry-run's cost estimate
     slurm: dict[str, Any] = field(default_factory=dict)  # submitit slurm_* parameters
 
 

@@ -1,0 +1,278 @@
+"""What a researcher sees: the live view (terminal and log), `bln-sweep stop`, the help, the
+cost estimate before submitting, and the compute budget."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_sweep import FAST
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- events, from a sweep's studies as workers leave them (no training) --------------------
+
+
+def fake_sweep(tmp_path: Path, cells=("norm=layernorm", "norm=bln"), gpus: int = 0) -> Path:
+    """A sweep directory with a manifest and empty studies in a journal file."""
+    import optuna
+
+    from bln_sweeps.search import open_storage, study_names
+
+    sweep_dir = tmp_path / "sweeps" / "s"
+    sweep_dir.mkdir(parents=True)
+    manifest = {
+        "sweep": "s",
+        "storage_url": None,
+        "cells": [{"name": c, "overrides": [c], "space": {}} for c in cells],
+        "search": {"n_trials": 3, "confirm_seeds": 2, "metric": "val/loss"},
+        "launcher": {"name": "local", "workers": 2, "gpus_per_worker": gpus},
+    }
+    (sweep_dir / "manifest.json").write_text(json.dumps(manifest))
+    storage = open_storage(None, sweep_dir)
+    for c in cells:
+        for name in study_names("s", c):
+            optuna.create_study(study_name=name, storage=storage)
+    return sweep_dir
+
+
+def study(sweep_dir: Path, name: str):
+    import optuna
+
+    from bln_sweeps.search import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(None, sweep_dir))
+
+
+def test_each_finished_pruned_failed_retried_or_preempted_run_is_one_event(tmp_path):
+    from optuna.trial import TrialState
+
+    from launchers.live import events, poll, summary
+
+    sweep_dir = fake_sweep(tmp_path)
+    ln, bln = study(sweep_dir, "s/norm=layernorm"), study(sweep_dir, "s/norm=bln")
+    first = poll(sweep_dir)
+    assert first.budget == 2 * (3 + 2) and first.done == 0
+
+    done = ln.ask()
+    ln.tell(done, 4.25)
+    pruned = ln.ask()
+    pruned.report(5.0, 8)
+    ln.tell(pruned, state=TrialState.PRUNED)
+    failed = bln.ask()
+    bln._storage.set_trial_user_attr(failed._trial_id, "status_reason", "RuntimeError: boom")
+    bln.tell(failed, state=TrialState.FAIL)
+    dead = bln.ask()
+    bln._storage.set_trial_user_attr(dead._trial_id, "retried", True)
+    bln.tell(dead, state=TrialState.FAIL)
+    surplus = bln.ask()
+    bln._storage.set_trial_user_attr(surplus._trial_id, "surplus", True)
+    bln.tell(surplus, state=TrialState.FAIL)
+    preempted = bln.ask()
+    bln._storage.set_trial_user_attr(preempted._trial_id, "preempted", 1)
+    bln._storage.set_trial_user_attr(preempted._trial_id, "status_reason", "stopped by SIGUSR1")
+    bln._storage.set_trial_state_values(preempted._trial_id, TrialState.WAITING)
+
+    second = poll(sweep_dir)
+    lines = events(first, second, "val/loss")
+    words = sorted(line.split()[1] for line in lines)
+    assert words == ["failed", "finished", "preempted", "pruned", "retried"], lines
+    text = "\n".join(lines)
+    assert "norm=layernorm  trial 0  val/loss 4.2500" in text
+    assert "trial 1  at step 8" in text
+    assert "RuntimeError: boom" in text and "back in the queue" in text
+    assert events(second, poll(sweep_dir), "val/loss") == []  # nothing new, nothing said
+    assert events(None, second, "val/loss") == []  # watching starts: no replay of the past
+    # done: finished + pruned + failed; retried and surplus asks do not spend budget
+    assert second.done == 3
+    assert summary(second).startswith("3/10 runs · 0 running")
+
+
+def test_summary_counts_rate_time_left_and_device_hours(tmp_path):
+    import datetime as dt
+
+    from launchers.live import poll, summary, timing
+
+    sweep_dir = fake_sweep(tmp_path, cells=("norm=layernorm",), gpus=2)
+    s = study(sweep_dir, "s/norm=layernorm")
+    t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+    for i in range(2):
+        t = s.ask()
+        s.tell(t, 4.0 - i)
+    trials = s.get_trials(deepcopy=False)
+    snap = poll(sweep_dir)
+    # the first start set to a known time: the arithmetic is what is tested
+    snap.started = t0.timestamp()
+    now = (t0 + dt.timedelta(hours=1)).timestamp()
+    snap.finished = False
+    elapsed, rate, left = timing(snap, now)
+    assert elapsed == 3600 and rate == pytest.approx(2.0)  # 2 runs in an hour
+    assert snap.budget == 3 + 2 and left == pytest.approx(3 / 2 * 3600)
+    assert "2/5 runs" in summary(snap, now) and "2 runs/h" in summary(snap, now)
+    assert "left ~1:30:00" in summary(snap, now) and "GPU-hours" in summary(snap, now)
+    assert len(trials) == 2
+
+
+def test_compute_hours_is_run_wall_time_times_devices(tmp_path):
+    from optuna.trial import TrialState
+
+    from bln_sweeps.search import compute_hours
+
+    sweep_dir = fake_sweep(tmp_path, cells=("norm=layernorm",))
+    s = study(sweep_dir, "s/norm=layernorm")
+    finished = s.ask()
+    s.tell(finished, 1.0)
+    waiting = s.ask()  # a preempted trial back in the queue is not running: no time counted
+    s._storage.set_trial_state_values(waiting._trial_id, TrialState.WAITING)
+    t = s.get_trials(deepcopy=False)[0]
+    run_s = (t.datetime_complete - t.datetime_start).total_seconds()
+    for gpus, factor in ((0, 1), (1, 1), (4, 4)):
+        got = compute_hours([s], {"gpus_per_worker": gpus})
+        assert got == pytest.approx(run_s / 3600 * factor, rel=1e-3)
+
+
+# ---- help ------------------------------------------------------------------------------------
+
+
+def run_help(module: str, *args: str) -> str:
+    p = subprocess.run(
+        [sys.executable, "-m", module, *args, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_help_names_every_subcommand_the_readme_documents():
+    readme = (ROOT / "README.md").read_text()
+    documented = set(
+        re.findall(r"^bln-sweep (status|ui|stop|calibrate|--dry-run|--detach)\b", readme, re.M)
+    )
+    assert {"status", "ui", "stop", "calibrate", "--dry-run", "--detach"} <= documented
+    text = run_help("launchers")
+    for sub in documented:
+        assert re.search(rf"bln-sweep {re.escape(sub)}\b", text), sub
+    for override in ("search.n_trials", "search.budget_hours", "launcher=slurm", "+experiment="):
+        assert override in text
+    analyze = run_help("analysis")
+    assert "--report" in analyze and "--plots" in analyze
+
+
+# ---- cost before submitting ------------------------------------------------------------------
+
+
+def test_flops_per_token_from_the_config_equals_the_models_count():
+    pytest.importorskip("torch")
+    from bln_sweeps.config import ModelConfig, RunConfig
+    from bln_sweeps.train import build_model
+    from launchers.cost import flops_per_token
+
+    for cfg in (
+        ModelConfig(),
+        ModelConfig(n_layer=3, n_head=6, n_embd=96, vocab_size=1000),
+        ModelConfig(n_layer=2, n_embd=64, bias=False),
+    ):
+        model = build_model(RunConfig(model=cfg))  # layernorm, as the estimate counts
+        for seq in (64, 256):
+            assert flops_per_token(cfg, seq) == model.flops_per_token(seq), (cfg, seq)
+
+
+def test_gpt2_124m_flops_per_token_is_nanogpts_count():
+    from bln_sweeps.config import ModelConfig
+    from launchers.cost import flops_per_token
+
+    # 124,439,808 parameters at block size 1024 (GPT-2 small), less wpe (1024 x 768)
+    n = 124_439_808 - 1024 * 768
+    cfg = ModelConfig(name="gpt2_124m", vocab_size=50257, n_layer=12, n_head=12, n_embd=768)
+    assert flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def dry_run(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "launchers", "--dry-run", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_dry_run_prints_compute_per_cell_and_in_total(tmp_path):
+    from bln_sweeps.config import ModelConfig
+    from launchers.cost import flops_per_token
+
+    p = dry_run(
+        "norm=layernorm,bln", "batch=b4", "launcher.assumed_tflops=0.5", *FAST, cwd=tmp_path
+    )
+    assert p.returncode == 0, p.stderr
+    # FAST: 12 steps x 1024 tokens per step; 5 trials + 3 confirm seeds (conf/sweep.yaml)
+    flops = 8 * 12 * 1024 * flops_per_token(ModelConfig(), 64)
+    hours = flops / 0.5e12 / 3600
+    assert f"norm=bln: 8 runs, {flops:.2e} FLOPs, {hours:,.2f} CPU-hours" in p.stdout, p.stdout
+    assert f"total: {2 * flops:.2e} FLOPs" in p.stdout
+    assert "launcher.assumed_tflops=0.5" in p.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing created, no MLflow store opened for writing
+
+
+def test_dry_run_without_a_throughput_says_how_to_get_one(tmp_path):
+    p = dry_run("norm=layernorm", "batch=b4", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "CPU-hours unknown" in p.stdout and "launcher.assumed_tflops" in p.stdout
+    assert "bln-sweep calibrate" in p.stdout
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["search.budget_hours=-1"], "search.budget_hours"),
+        (["search.budget_hours=0"], "search.budget_hours"),
+        (["launcher.assumed_tflops=-3"], "launcher.assumed_tflops"),
+        (["stop", "nosuch"], "nosuch"),
+        (["stop"], "usage: bln-sweep stop NAME"),
+        (["status", "nosuch", "--follow"], "nosuch"),
+        (["status", "x", "--watch"], "--follow"),
+        (["calibrate", "search.budget_hours=-1"], "search.budget_hours"),
+    ],
+)
+def test_bad_input_is_one_line_and_creates_nothing(args, key, tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "launchers", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and key in lines[0], p.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_calibrate_measures_each_cell_shape_and_dry_run_uses_it(tmp_path):
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers",
+            "calibrate",
+            "norm=layernorm,bln",
+            "batch=b4,b16",
+            *FAST,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    measured = json.loads((tmp_path / "sweeps" / "calibration.json").read_text())
+    assert sorted(measured) == sorted(
+        f"tiny|{n}|b{b}|s64|cpu" for n in ("layernorm", "bln") for b in (4, 16)
+    )
+    assert all(m["tokens_per_s"] > 0 and m["flops_per_s"] > 0 for m in measured.values())
+    p = dry_run("norm=layernorm,bln", "batch=b4,b16", *FAST, cwd=tmp_path)
+    assert "bln-sweep calibrate on cpu" in p.stdout and "unknown" not in p.stdout, p.stdout
