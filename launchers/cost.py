@@ -116,21 +116,25 @@ def estimate(plan, cell_configs: list, sweeps_dir: Path, uri: str | None) -> Est
 
 
 def render(est: Estimate, per_cell: bool = True) -> list[str]:
-    lines = ["estimated compute (upper bound: no trial pruned; training FLOPs, evals left out):"]
-    if per_cell:
-        for c in est.cells:
-            hours = "?" if c.hours is None else f"{c.hours:,.2f}"
-            lines.append(f"  {c.name}: {c.runs} runs, {c.flops:.2e} FLOPs, {hours} {est.unit}")
+    """--dry-run: a line per cell, the total and how it was estimated. Otherwise (a sweep's log)
+    the total alone, in one line."""
     sources = sorted({c.source for c in est.cells if c.source})
     total = est.hours
     if total is None:
-        lines.append(f"  total: {est.flops:.2e} FLOPs; {est.unit} unknown")
+        line = f"{est.flops:.2e} FLOPs; {est.unit} unknown"
     else:
-        lines.append(
-            f"  total: {est.flops:.2e} FLOPs = {total:,.2f} {est.unit}, about "
+        line = (
+            f"{est.flops:.2e} FLOPs = {total:,.2f} {est.unit}, about "
             f"{duration(est.wall_hours)} on {est.workers} worker(s)"
             f" (throughput: {'; '.join(sources)})"
         )
+    if not per_cell:
+        return [f"estimated compute: {line}" + (" (see --dry-run)" if total is None else "")]
+    lines = ["estimated compute (upper bound: no trial pruned; training FLOPs, evals left out):"]
+    for c in est.cells:
+        hours = "?" if c.hours is None else f"{c.hours:,.2f}"
+        lines.append(f"  {c.name}: {c.runs} runs, {c.flops:.2e} FLOPs, {hours} {est.unit}")
+    lines.append(f"  total: {line}")
     return lines + [f"  {n}" for n in est.notes]
 
 

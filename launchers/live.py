@@ -257,7 +257,8 @@ def _watch_lines(sweep_dir, jobs, stream, poll_s, summary_s, metric) -> bool:
         print(line, file=stream, flush=True)
 
     snap = poll(sweep_dir)
-    say(f"{clock()} watching  {summary(snap)}")
+    if snap.done or snap.running:  # joined a sweep under way: where it stands (a fresh one's
+        say(f"{clock()} watching  {summary(snap)}")  # plan was just printed)
     last_summary = time.monotonic()
     while True:
         before, snap = snap, poll(sweep_dir)

@@ -2,14 +2,16 @@
 cost estimate before submitting, and the compute budget."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.test_sweep import FAST
+from tests.test_sweep import FAST, assert_complete, bln_sweep, sweep_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -276,3 +278,154 @@ def test_calibrate_measures_each_cell_shape_and_dry_run_uses_it(tmp_path):
     assert all(m["tokens_per_s"] > 0 and m["flops_per_s"] > 0 for m in measured.values())
     p = dry_run("norm=layernorm,bln", "batch=b4,b16", *FAST, cwd=tmp_path)
     assert "bln-sweep calibrate on cpu" in p.stdout and "unknown" not in p.stdout, p.stdout
+
+
+# ---- the view, end to end: a real sweep through a pseudo-terminal and through a pipe ---------
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.mark.slow
+def test_sweep_log_through_a_pipe_is_one_line_per_run(tmp_path):
+    """The default grid (3 norms x 2 micro-batches, 5 trials + 3 confirm seeds = 48 runs): its
+    log is the plan, one line per run and a final summary, then the ranked table."""
+    p = bln_sweep("sweep.name=log48", *FAST, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = p.stdout
+    assert not ANSI.search(out)  # no cursor codes in a log file
+    log, table = out.split("\n**", 1)  # the ranked table starts with its bold title
+    lines = log.splitlines()
+    assert len(lines) <= 60, log
+    assert "| norm |" in table
+    runs = [x for x in lines if re.match(r"\d\d:\d\d:\d\d (finished|pruned|failed) ", x)]
+    facts = sweep_facts(tmp_path / "sweeps" / "log48")
+    made = sum(len(c["search"]) + len(c["confirm"]) for c in facts["cells"].values())
+    assert len(runs) == made == 48, log  # every run said once, nothing said twice
+    assert "cell  trials" not in log  # the per-cell table is not reprinted per change
+    assert re.search(r"done +48/48 runs · 0 running · \d+ runs/h", log), log
+
+
+def read_until(fd: int, seen: bytearray, pattern: bytes, timeout: float) -> bool:
+    import select
+
+    deadline = time.monotonic() + timeout
+    while pattern not in seen:
+        if time.monotonic() > deadline:
+            return False
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                return pattern in seen
+            if not chunk:
+                return pattern in seen
+            seen += chunk
+    return True
+
+
+def running_trials(sweep_dir: Path) -> int:
+    from launchers.live import poll
+
+    return poll(sweep_dir).running
+
+
+@pytest.mark.slow
+def test_terminal_view_updates_in_place_and_ctrl_c_detaches_then_stop_and_resume(tmp_path):
+    import pty
+
+    args = [
+        "norm=layernorm,bln",
+        "batch=b4",
+        "sweep.name=live",
+        "search.n_trials=2",
+        "search.confirm_seeds=1",
+        "search.pruner=none",
+        *FAST,
+        "train.steps=200",  # long enough to be running when Ctrl-C and stop arrive
+        "train.eval_interval=100",
+        "train.checkpoint_interval=100",
+    ]
+    sweep_dir = tmp_path / "sweeps" / "live"
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a terminal session of its own, as a user's shell gives
+        os.chdir(tmp_path)
+        os.environ.update(TERM="xterm-256color", COLUMNS="120", LINES="40")
+        os.execv(sys.executable, [sys.executable, "-m", "launchers", *args])
+    seen = bytearray()
+    try:
+        assert read_until(fd, seen, b"runs/h", 300), seen.decode(errors="replace")
+        deadline = time.monotonic() + 300
+        while running_trials(sweep_dir) == 0:  # a trial in flight
+            assert time.monotonic() < deadline
+            read_until(fd, seen, b"\x00", 1)
+        read_until(fd, seen, b"\x00", 3)  # a redraw or two
+        os.write(fd, b"\x03")  # Ctrl-C, as the terminal delivers it: SIGINT to the foreground
+        assert read_until(fd, seen, b"bln-sweep stop live", 60), seen.decode(errors="replace")
+        read_until(fd, seen, b"\x00", 2)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = seen.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    # redrawn in place: rich moves the cursor up over the previous frame and erases its lines
+    assert "\x1b[2K" in text and re.search(r"\x1b\[\d*A", text), text[-2000:]
+    plain = ANSI.sub("", text)
+    for word in ("norm=layernorm", "norm=bln", "runs/h", "elapsed", "left", "CPU-hours"):
+        assert word in plain, word
+    assert "detached; the workers go on" in plain and "status live --follow" in plain
+
+    # the workers went on after Ctrl-C: trials keep running or finishing
+    from launchers.live import poll
+
+    assert poll(sweep_dir).running + poll(sweep_dir).done > 0
+    stop = subprocess.run(
+        [sys.executable, "-m", "launchers", "stop", "live"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert "stopped:" in stop.stdout
+    snap = poll(sweep_dir)
+    assert snap.running == 0
+    time.sleep(5)  # a stopped sweep stays stopped: no worker asks for a new trial
+    assert poll(sweep_dir).states == snap.states
+    queued = [t for k, t in snap.trials.items() if snap.states[k].startswith("preempted")]
+    for t in queued:  # an interrupted trial waits with its checkpoint, to resume from
+        assert (Path(t.user_attrs["run_dir"]) / "ckpt.pt").exists()
+    if snap.done < 6:  # stopped before the end: the same command finishes the sweep
+        p = bln_sweep(*args, cwd=tmp_path)
+        assert p.returncode == 0, p.stdout + p.stderr
+    assert_complete(sweep_facts(sweep_dir), 2, 1)
+
+
+@pytest.mark.slow
+def test_budget_hours_ends_the_search_and_confirm_runs_still_run(tmp_path):
+    p = bln_sweep(
+        "norm=layernorm,bln",
+        "batch=b4",
+        "sweep.name=capped",
+        "search.n_trials=4",
+        "search.confirm_seeds=1",
+        "search.budget_hours=0.0001",  # 0.36 s: spent by the first trial
+        "launcher.workers=1",
+        *FAST,
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    facts = sweep_facts(tmp_path / "sweeps" / "capped")
+    searched = {name: len(c["search"]) for name, c in facts["cells"].items()}
+    assert sum(searched.values()) == 1, searched  # one trial spent the budget; no new ones
+    for c in facts["cells"].values():
+        assert len(c["confirm"]) == len(c["search"])  # a searched cell is still confirmed
+    assert "search ended by search.budget_hours=0.0001" in p.stdout
+    status = subprocess.run(
+        [sys.executable, "-m", "launchers", "status", "capped"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "(budget)" in status.stdout and "search.budget_hours=0.0001" in status.stdout
