@@ -202,10 +202,11 @@ def view(snap: Snapshot, recent: list[str]):
             r["confirm"],
             style=style,
         )
-    bar = ProgressBar(total=max(snap.budget, 1), completed=snap.done, width=40)
-    line = Table.grid(padding=(0, 1))
-    line.add_row(bar, Text(summary(snap)))
-    parts = [table, Text(""), line]
+    bar = ProgressBar(total=max(snap.budget, 1), completed=snap.done, width=60)
+    overall = Table.grid()
+    overall.add_row(bar)
+    overall.add_row(Text(summary(snap), no_wrap=True, overflow="ellipsis"))
+    parts = [table, Text(""), overall]
     if recent:
         parts.append(Text("\n".join(recent[-RECENT:]), style="dim"))
     return Group(*parts)

@@ -150,9 +150,9 @@ def run_help(module: str, *args: str) -> str:
 
 def test_help_names_every_subcommand_the_readme_documents():
     readme = (ROOT / "README.md").read_text()
-    documented = set(
-        re.findall(r"^bln-sweep (status|ui|stop|calibrate|--dry-run|--detach)\b", readme, re.M)
-    )
+    # the first word after `bln-sweep` on a README command line: a subcommand or a flag
+    words = set(re.findall(r"^(?:\$ )?bln-sweep ([a-z-]+)(?:\s|$)", readme, re.M)) - {"--help"}
+    documented = {w for w in words if not w.startswith("+")}
     assert {"status", "ui", "stop", "calibrate", "--dry-run", "--detach"} <= documented
     text = run_help("launchers")
     for sub in documented:
@@ -161,6 +161,21 @@ def test_help_names_every_subcommand_the_readme_documents():
         assert override in text
     analyze = run_help("analysis")
     assert "--report" in analyze and "--plots" in analyze
+
+
+def test_bln_train_help_shows_the_tool_before_hydras_lists():
+    p = subprocess.run(
+        [sys.executable, "-m", "bln_sweeps.train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    head, _, groups = p.stdout.partition("== Configuration groups ==")
+    assert head.startswith("bln-train: train, evaluate and log ONE GPT-2 run")
+    for word in ("norm=bln batch=b16 seq=s2048", "optim.lr=", "bln-sweep --help", "bln-analyze"):
+        assert word in head
+    assert "norm: " in groups and "layernorm" in groups
 
 
 # ---- cost before submitting ------------------------------------------------------------------
@@ -429,3 +444,31 @@ def test_budget_hours_ends_the_search_and_confirm_runs_still_run(tmp_path):
         timeout=120,
     )
     assert "(budget)" in status.stdout and "search.budget_hours=0.0001" in status.stdout
+
+
+# ---- the study, as one experiment config ----------------------------------------------------
+
+
+def test_gpt2_norms_experiment_composes_with_per_norm_searches_and_an_estimate():
+    """`+experiment=gpt2_norms` with its sequence length pinned (7 norms x 1 batch here, so the
+    test composes 7 cells instead of 105); the full grid's estimate is in the README."""
+    from launchers.cost import estimate, flops_per_token
+    from launchers.plan import make_plan
+
+    plan = make_plan(["+experiment=gpt2_norms", "seq=s2048", "batch=b16", "storage.url=null"])
+    assert plan.sweep == "gpt2_norms" and len(plan.cells) == 7
+    norms = {c.norm.name for c in plan.cell_configs}
+    assert norms == {p.stem for p in (ROOT / "conf" / "norm").glob("*.yaml")}  # every variant
+    pairs = zip(plan.cell_configs, plan.cells, strict=True)
+    spaces = {c.norm.name: cell["space"] for c, cell in pairs}
+    assert "norm.options.zeta" in spaces["bln"] and "norm.options.zeta" not in spaces["layernorm"]
+    assert "norm.options.warmup_steps" in spaces["powernorm"]
+    for cfg in plan.cell_configs:
+        assert cfg.model.name == "gpt2_124m" and cfg.seq.len == 2048 and cfg.batch.size == 16
+        assert cfg.grad_accum * 16 * 2048 == 2**19  # equal tokens per optimizer step
+    assert plan.launcher["name"] == "slurm" and plan.launcher["gpus_per_worker"] == 1
+    est = estimate(plan, plan.cell_configs, plan.sweeps_dir, None)
+    runs = plan.search["n_trials"] + plan.search["confirm_seeds"]
+    per_cell = runs * 1000 * 2**19 * flops_per_token(plan.cell_configs[0].model, 2048)
+    assert est.unit == "GPU-hours"
+    assert est.hours == pytest.approx(7 * per_cell / 300e12 / 3600)
