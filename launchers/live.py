@@ -88,8 +88,9 @@ def poll(sweep_dir: Path) -> Snapshot:
         # short by the compute budget makes only the trials it started
         searched = s["done"] + s["running"] + s["waiting"]
         ended = budget_ended(search)
+        settled = (s["left"] <= 0 or ended) and not (s["running"] or s["waiting"])
         snap.budget += (searched if ended else n_trials) + (
-            0 if (s["left"] <= 0 or ended) and s["complete"] == 0 and not s["running"] else seeds
+            0 if settled and s["complete"] == 0 else seeds
         )
         if ended:
             snap.budget_note = ended
