@@ -3,6 +3,7 @@
     bln-analyze default                                  # Markdown table of sweeps/default
     bln-analyze big --metric val/loss@batch --format md,csv,tex --out reports/big --plots
     bln-analyze --experiment bln-train --filter "params.\\"seq.len\\" = '1024'"
+    bln-analyze big --report big.html                    # one self-contained page to share
 
 Bad input (unknown sweep or experiment, a metric no run has, a baseline norm not in the sweep,
 an empty selection, an unknown format) is one line on stderr naming what exists, exit code 2.
@@ -64,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write <out>/<name>.<format> (and figures) instead of stdout")
     p.add_argument("--plots", action="store_true", help="also write PNG and SVG figures")
     p.add_argument(
+        "--report",
+        metavar="FILE.html",
+        help="one self-contained HTML page: ranked table, pivots, figures, per-cell search "
+        "diagnostics, the sweep's command, code SHA and compute used",
+    )
+    p.add_argument(
         "--via",
         default="auto",
         choices=["auto", "sql", "client"],
@@ -96,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         raise AnalysisError(f"--format {args.format!r} names no format; give md,csv,tex,html,json")
     if args.out:
         _check_out(args.out)
+    if args.report:
+        _check_report_path(Path(args.report))
     name = args.sweep or args.experiment
     uri, sweep_dir = _store(args)
     _check_server(uri)
@@ -130,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
         out = out or (sweep_dir / "figures" if sweep_dir else Path(f"{name}-figures"))
         for path in _plots(table, runs, uri, out, args.via):
             print(path, file=sys.stderr)
+    if args.report:
+        print(
+            _report(Path(args.report), name, table, runs, uri, sweep_dir, args.via), file=sys.stderr
+        )
     return 0
 
 
@@ -164,6 +177,32 @@ def _check_server(uri: str) -> None:
         check_server(uri)
     except ValueError as e:
         raise AnalysisError(f"--tracking-uri: {e}") from None
+
+
+def _check_report_path(path: Path) -> None:
+    """Before anything is read or written: the page must go into a directory that exists."""
+    from analysis.contract import AnalysisError
+
+    if path.is_dir():
+        raise AnalysisError(
+            f"--report {path}: a directory; give a file name, e.g. {path}/report.html"
+        )
+    if not path.parent.is_dir():
+        raise AnalysisError(f"--report {path}: directory {path.parent} does not exist")
+
+
+def _report(path: Path, name: str, table, runs, uri: str, sweep_dir: Path | None, via: str):
+    """The figures of --plots, made in a temporary directory and embedded in one HTML file."""
+    import tempfile
+
+    from analysis.report import build
+
+    manifest = json.loads((sweep_dir / "manifest.json").read_text()) if sweep_dir else None
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = _plots(table, runs, uri, Path(tmp), via)
+        page = build(name, table, runs, figures, manifest, sweep_dir)
+    path.write_text(page, encoding="utf-8")
+    return path
 
 
 def _store(args) -> tuple[str, Path | None]:

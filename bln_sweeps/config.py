@@ -487,6 +487,7 @@ class SearchConfig:
     seed: int = 0  # sampler seed; each cell's stream is derived from it and the cell name
     params: dict[str, Any] = field(default_factory=dict)  # key -> distribution (every cell)
     per_norm: dict[str, dict[str, Any]] = field(default_factory=dict)  # norm -> extra params
+    budget_hours: float | None = None  # device-hours cap on the search; None = no cap
 
 
 @dataclass
@@ -497,6 +498,7 @@ class LauncherConfig:
     gpus_per_worker: int = 0  # 0 on CPU-only machines
     ranks_per_worker: int = 0  # DDP ranks per trial; 0 = one per GPU (gpus_per_worker), else 1
     cpus_per_worker: int = 1
+    assumed_tflops: float | None = None  # throughput per worker for --dry-run's cost estimate
     slurm: dict[str, Any] = field(default_factory=dict)  # submitit slurm_* parameters
 
 

@@ -236,19 +236,26 @@ def reap_dead_trials(study, grace_s: float = GRACE_S) -> int:
 
 
 class Heartbeat:
-    """Stamps a running trial every HEARTBEAT_S seconds from a daemon thread."""
+    """Stamps a running trial every HEARTBEAT_S seconds from a daemon thread, and relays
+    `bln-sweep stop` (the sweep's STOP file) to the trainer as the signal it checkpoints on."""
 
-    def __init__(self, study, trial_id: int):
+    def __init__(self, study, trial_id: int, sweep_dir: Path | None = None):
         import threading
 
-        self.study, self.trial_id = study, trial_id
+        self.study, self.trial_id, self.sweep_dir = study, trial_id, sweep_dir
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
         import time
 
-        while not self.stop.wait(HEARTBEAT_S):
+        stamped = 0.0
+        while not self.stop.wait(STOP_POLL_S):
+            if self.sweep_dir is not None and stop_requested(self.sweep_dir):
+                relay_stop()
+            if time.time() - stamped < HEARTBEAT_S:
+                continue
+            stamped = time.time()
             try:
                 self.study._storage.set_trial_system_attr(self.trial_id, "heartbeat", time.time())
             except Exception:
@@ -260,6 +267,51 @@ class Heartbeat:
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
+
+
+STOP_FILE = "STOP"  # written by `bln-sweep stop NAME`, removed when the sweep is run again
+STOP_POLL_S = 1.0
+
+
+def stop_requested(sweep_dir: Path) -> bool:
+    return (Path(sweep_dir) / STOP_FILE).exists()
+
+
+def relay_stop() -> None:
+    """SIGUSR1 to this process once the trainer's handler is installed: it checkpoints after the
+    step in flight and raises Preempted, and the worker hands the trial back as WAITING. Before
+    that (the run still building its model) the signal would kill the process: wait."""
+    import os
+    import signal
+
+    from bln_sweeps.checkpoint import StopSignals
+
+    handler = signal.getsignal(signal.SIGUSR1)
+    if isinstance(getattr(handler, "__self__", None), StopSignals):
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def budget_ended(study) -> str | None:
+    """The note a worker left on a search study when search.budget_hours ended it."""
+    return study._storage.get_study_system_attrs(study._study_id).get("budget_ended")
+
+
+def compute_hours(studies, launcher: Mapping[str, Any], now: float | None = None) -> float:
+    """Device-hours the sweep's runs took so far: each run's wall time (running ones up to now)
+    x the devices a worker holds (its GPUs, or one CPU worker)."""
+    import time
+
+    from optuna.trial import TrialState
+
+    now = time.time() if now is None else now
+    seconds = 0.0
+    for study in studies:
+        for t in study.get_trials(deepcopy=False):
+            if t.datetime_start is None or t.state == TrialState.WAITING:
+                continue
+            end = t.datetime_complete.timestamp() if t.datetime_complete else now
+            seconds += max(end - t.datetime_start.timestamp(), 0.0)
+    return seconds / 3600 * max(1, launcher.get("gpus_per_worker") or 0)
 
 
 def load_manifest(sweep_dir: Path) -> dict[str, Any]:
@@ -409,6 +461,7 @@ class Worker:
         """(cell, "search" | "confirm"), "wait" while others finish what a job needs, or None."""
         cells = self.manifest["cells"]
         best, best_left, pending = None, 0, False
+        spent = self.budget_spent()
         for cell in cells:
             search_name, confirm_name = study_names(self.manifest["sweep"], cell["name"])
             study = self.study(search_name)
@@ -418,6 +471,10 @@ class Worker:
                 if self.maybe_expand(cell, study):
                     s = budget_state(study, self.search_budget(study))
             free = s["left"] + s["waiting"]  # waiting: retries and preempted trials to resume
+            if spent and s["left"] > 0:  # no new trial; started ones (waiting) still finish
+                free = s["waiting"]
+                if not budget_ended(study):
+                    study._storage.set_study_system_attr(study._study_id, "budget_ended", spent)
             if free > best_left:
                 best, best_left = (cell, "search"), free
             if free <= 0 and s["running"]:
@@ -442,12 +499,36 @@ class Worker:
             return cell, "confirm"
         return "wait" if pending else None
 
+    def budget_spent(self) -> str | None:
+        """Why the search must stop (search.budget_hours used up), or None."""
+        cap = self.search.get("budget_hours")
+        if not cap:
+            return None
+        names = [
+            n
+            for c in self.manifest["cells"]
+            for n in study_names(self.manifest["sweep"], c["name"])
+        ]
+        used = compute_hours(
+            [self.study(n, confirm=n.endswith("/confirm")) for n in names],
+            self.manifest["launcher"],
+        )
+        if used < cap:
+            return None
+        unit = "GPU" if self.manifest["launcher"].get("gpus_per_worker") else "CPU"
+        return f"search ended by search.budget_hours={cap:g} ({used:.2f} {unit}-hours used)"
+
     def run(self) -> int:
-        """Work until every budget is spent; returns the number of trials this worker ran."""
+        """Work until every budget is spent; returns the number of trials this worker ran.
+        `bln-sweep stop` ends the loop: no new trial, the running one checkpointed and queued."""
         import time
+
+        from bln_sweeps.checkpoint import Preempted
 
         n = 0
         while True:
+            if stop_requested(self.sweep_dir):
+                return n
             job = self.next_job()
             if job is None:
                 close_parent_runs(self.manifest)
@@ -456,8 +537,13 @@ class Worker:
                 time.sleep(self.poll_s)
                 continue
             cell, kind = job
-            if self.run_trial(cell, kind):
-                n += 1
+            try:
+                ran = self.run_trial(cell, kind)
+            except Preempted:
+                if stop_requested(self.sweep_dir):
+                    return n  # the trial is WAITING with its checkpoint: a rerun resumes it
+                raise
+            n += ran
 
     def run_trial(self, cell: dict, kind: str) -> bool:
         """Ask, train, tell. Returns False when the ask overshot the budget (another worker took
@@ -541,7 +627,7 @@ class Worker:
             **({"at_edge": at_edge} if confirm else {}),
         }
         try:
-            with Heartbeat(study, trial._trial_id):
+            with Heartbeat(study, trial._trial_id, self.sweep_dir):
                 distributed.from_rank0((cfg, Path(run_dir)))  # the other ranks train it too
                 result = run(
                     cfg,

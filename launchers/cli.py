@@ -1,9 +1,26 @@
 """`bln-sweep`: plan and validate a sweep, create its studies and MLflow runs, submit workers,
 then follow them (or `--detach`). Running the same command again resumes the sweep.
 
-    bln-sweep norm=layernorm,bln,powernorm batch=b4,b32 seq=s1024 search.n_trials=30
-    bln-sweep --dry-run ...        # print cells, budget and jobs; create and submit nothing
-    bln-sweep status NAME          # progress of a running or finished sweep
+usage:
+  bln-sweep [OVERRIDES...]            run a sweep: plan, submit the workers, show live progress
+  bln-sweep --dry-run [OVERRIDES...]  cells, search spaces, jobs and estimated compute; nothing runs
+  bln-sweep --detach [OVERRIDES...]   submit the workers and return
+  bln-sweep status NAME [--follow]    progress of a sweep (--follow: live until it ends)
+  bln-sweep stop NAME                 stop a sweep's workers; running trials checkpoint and requeue
+  bln-sweep ui [NAME] [--port P]      browse a sweep's runs in the MLflow UI
+  bln-sweep calibrate [OVERRIDES...]  time a few steps of each cell shape here, for --dry-run's cost
+
+most used overrides:
+  norm=layernorm,bln batch=b4,b32 seq=s1024,s4096   grid axes (comma lists): a study per cell
+  search=lr_wd search.n_trials=30 search.confirm_seeds=3     search space, trials, fresh seeds
+  search.budget_hours=200             no new trial once the sweep has used this many GPU-hours
+  sweep.name=big                      the sweep's directory, MLflow experiment and study names
+  launcher=slurm launcher.workers=8   where workers run: local | slurm | debug (in-process)
+  launcher.assumed_tflops=150         throughput per worker for the cost estimate
+  storage=postgres tracking=server    shared stores for a cluster
+  +experiment=gpt2_norms              the GPT-2 normalization study (conf/experiment/)
+
+Ctrl-C in the live view detaches: the workers go on; `status NAME --follow` watches again.
 """
 
 import json
@@ -107,6 +124,39 @@ def search_design(plan: Plan) -> str:
     )
 
 
+def print_cost(plan: Plan, per_cell: bool, uri: str | None = None) -> None:
+    """The compute estimate (launchers/cost.py); --dry-run shows it per cell."""
+    from launchers.cost import estimate, render
+
+    if uri is None:
+        try:
+            uri = tracking_uri(plan)
+        except ValueError:
+            uri = None  # a bad tracking.uri fails later, where the run needs it
+    est = estimate(plan, plan.cell_configs, plan.sweeps_dir, uri)
+    print("\n".join(render(est, per_cell)))
+
+
+def calibrate(argv: list[str]) -> int:
+    """`bln-sweep calibrate OVERRIDES`: time each distinct cell shape of that sweep on this
+    machine (run it on a compute node) and keep the result for --dry-run's estimate."""
+    from launchers.cost import calibrate as measure
+    from launchers.cost import save_calibration
+
+    if any(a.startswith("--") for a in argv):
+        return fail("usage: bln-sweep calibrate [OVERRIDES...] (the sweep's own overrides)")
+    try:
+        plan = make_plan(argv)
+    except ConfigError as e:
+        return fail(str(e))
+    results = measure(plan, plan.cell_configs)
+    for key, r in results.items():
+        print(f"{key}: {r['tokens_per_s']:,.0f} tokens/s = {r['flops_per_s'] / 1e12:.3f} TFLOP/s")
+    print(f"saved to {save_calibration(plan.sweeps_dir, results)}")
+    print_cost(plan, per_cell=False)
+    return 0
+
+
 def tracking_uri(plan: Plan) -> str:
     from bln_sweeps.tracking import resolve_tracking_uri
     from launchers.plan import sweep_config
@@ -207,21 +257,19 @@ def write_manifest(sweep_dir: Path, manifest: dict) -> None:
 
 
 def follow(sweep_dir: Path, jobs: list, poll_s: float = 2.0) -> bool:
-    """Live progress until every cell is finished; False if the workers all stopped first."""
-    from launchers.progress import cell_rows, render
+    """Live progress until every cell is finished; False if the workers all stopped first.
+    In a terminal one display updated in place, otherwise one line per event
+    (launchers/live.py)."""
+    from launchers.live import watch
 
-    shown = None
-    while True:
-        rows = cell_rows(sweep_dir)
-        table = render(rows)
-        if table != shown:
-            print(f"\n[{time.strftime('%H:%M:%S')}]\n{table}", flush=True)
-            shown = table
-        if all(r["finished"] for r in rows):
-            return True
-        if jobs and all(j.done() for j in jobs):
-            return all(r["finished"] for r in cell_rows(sweep_dir))
-        time.sleep(poll_s)
+    return watch(sweep_dir, jobs, poll_s=poll_s)
+
+
+def detach_message(sweep: str) -> str:
+    return (
+        f"detached; the workers go on. follow: bln-sweep status {sweep} --follow · "
+        f"stop: bln-sweep stop {sweep} · resume after a stop: the same bln-sweep command"
+    )
 
 
 def reattached(sweep_dir: Path, recorded: list[dict]) -> list:
@@ -282,13 +330,18 @@ def run_sweep(argv: list[str]) -> int:
         check_tracking(plan)
         if "--dry-run" in flags:
             print_plan(plan)
+            print_cost(plan, per_cell=True)
             return 0
         check_cells(plan)
     except ConfigError as e:
         return fail(str(e))
     command = " ".join(["bln-sweep", *argv])
     manifest = prepare(plan, command)
+    from bln_sweeps.search import STOP_FILE
+
+    (plan.sweep_dir / STOP_FILE).unlink(missing_ok=True)  # a rerun resumes a stopped sweep
     print_plan(plan)
+    print_cost(plan, per_cell=False, uri=manifest["tracking_uri"])
     jobs = reattached(plan.sweep_dir, manifest["jobs"])
     if jobs:  # the same command again while its workers still queue: follow them, no duplicates
         print(f"reattached to {len(jobs)} worker job(s) still in the queue")
@@ -309,7 +362,12 @@ def run_sweep(argv: list[str]) -> int:
         print(f"submitted {len(jobs)} worker(s); follow with: bln-sweep status {plan.sweep}")
         release(jobs)
         return 0
-    finished = follow(plan.sweep_dir, jobs)
+    try:
+        finished = follow(plan.sweep_dir, jobs)
+    except KeyboardInterrupt:  # Ctrl-C: leave the workers running (they ignore SIGINT)
+        print(f"\n{detach_message(plan.sweep)}")
+        release(jobs)
+        return 0
     for j in jobs:
         if j.done() and j.state not in ("FINISHED", "COMPLETED", "DONE"):
             try:
@@ -329,29 +387,80 @@ def run_sweep(argv: list[str]) -> int:
     return 0
 
 
-def status(argv: list[str]) -> int:
+def find_sweep(name: str) -> Path:
     from bln_sweeps.names import check_name
     from launchers.plan import sweep_config
-    from launchers.progress import cell_rows, render
 
-    if len(argv) != 1:
-        return fail("usage: bln-sweep status NAME")
     root = Path(sweep_config([]).sweep.dir)
-    sweep_dir = root / argv[0]
     known = sorted(p.parent.name for p in root.glob("*/manifest.json"))
     try:
-        check_name("NAME", argv[0])
+        check_name("NAME", name)
     except ConfigError as e:
-        return fail(f"{e}; sweeps: {', '.join(known) or 'none'}")
+        raise ConfigError("sweep", name, f"{e}; sweeps: {', '.join(known) or 'none'}") from None
+    sweep_dir = root / name
     if not (sweep_dir / "manifest.json").exists():
-        return fail(f"no sweep {argv[0]!r} in {root}/; sweeps: {', '.join(known) or 'none'}")
+        raise ConfigError(
+            "sweep", name, f"no such sweep in {root}/; sweeps: {', '.join(known) or 'none'}"
+        )
+    return sweep_dir
+
+
+def status(argv: list[str]) -> int:
+    from launchers.progress import cell_rows, render
+
+    names = [a for a in argv if not a.startswith("--")]
+    flags = set(argv) - set(names)
+    if len(names) != 1 or flags - {"--follow"}:
+        return fail("usage: bln-sweep status NAME [--follow]")
     try:
-        rows = cell_rows(sweep_dir)
-    except Exception as e:  # a damaged manifest or journal: say which sweep, not a traceback
-        first = (str(e).strip().splitlines() or [""])[0]
-        return fail(f"sweep {argv[0]!r} in {root}/ cannot be read: {type(e).__name__}: {first}")
-    print(render(rows))
+        sweep_dir = find_sweep(names[0])
+    except ConfigError as e:
+        return fail(str(e))
+    if "--follow" not in flags:
+        try:
+            rows = cell_rows(sweep_dir)
+        except Exception as e:  # a damaged manifest or journal: say which sweep, not a traceback
+            first = (str(e).strip().splitlines() or [""])[0]
+            return fail(f"sweep {names[0]!r} cannot be read: {type(e).__name__}: {first}")
+        print(render(rows))
+        from launchers.live import poll, summary
+
+        print(summary(poll(sweep_dir)))
+        return 0
+    try:
+        follow(sweep_dir, [])
+    except KeyboardInterrupt:
+        print(f"\n{detach_message(names[0])}")
     return 0
+
+
+def stop(argv: list[str], wait_s: float = 120.0) -> int:
+    """Ask a sweep's workers to stop: they start no new trial, and a running trial checkpoints
+    after its current step and goes back to its study as WAITING (the preemption path). The same
+    `bln-sweep` command resumes the sweep."""
+    from bln_sweeps.search import STOP_FILE
+    from launchers.live import poll
+
+    if len(argv) != 1 or argv[0].startswith("--"):
+        return fail("usage: bln-sweep stop NAME")
+    try:
+        sweep_dir = find_sweep(argv[0])
+    except ConfigError as e:
+        return fail(str(e))
+    (sweep_dir / STOP_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    print(f"asked the workers of {argv[0]!r} to stop; waiting for running trials to checkpoint")
+    deadline = time.monotonic() + wait_s
+    while poll(sweep_dir).running and time.monotonic() < deadline:
+        time.sleep(1.0)
+    snap = poll(sweep_dir)
+    queued = sum(w.startswith("preempted") for w in snap.states.values())
+    if snap.running:
+        print(f"{snap.running} trial(s) still running; they stop after their current step")
+    print(
+        f"stopped: {snap.done} run(s) done, {queued} checkpointed and queued; "
+        f"resume with the same bln-sweep command"
+    )
+    return 0 if not snap.running else 1
 
 
 def main() -> None:
@@ -360,4 +469,7 @@ def main() -> None:
         from launchers.ui import run as ui
 
         sys.exit(ui(argv[1:]))
-    sys.exit(status(argv[1:]) if argv[:1] == ["status"] else run_sweep(argv))
+    commands = {"status": status, "stop": stop, "calibrate": calibrate}
+    if argv[:1] and argv[0] in commands:
+        sys.exit(commands[argv[0]](argv[1:]))
+    sys.exit(run_sweep(argv))

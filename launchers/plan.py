@@ -32,6 +32,11 @@ class Plan:
     storage_url: str | None
     base_seed: int
     axes: list[str] = field(default_factory=list)
+    cell_configs: list = field(default_factory=list, repr=False)  # each cell's RunConfig
+
+    @property
+    def sweeps_dir(self) -> Path:
+        return self.sweep_dir.parent
 
     @property
     def trial_budget(self) -> int:
@@ -105,6 +110,12 @@ def make_plan(overrides: list[str]) -> Plan:
     if cfg.launcher.timeout_min < 1:
         raise ConfigError("launcher.timeout_min", cfg.launcher.timeout_min, "must be >= 1")
     check_limits(cfg)
+    for key, value in (
+        ("search.budget_hours", s.budget_hours),
+        ("launcher.assumed_tflops", cfg.launcher.assumed_tflops),
+    ):
+        if value is not None and not value > 0:
+            raise ConfigError(key, value, "a positive number, or null for none")
     from bln_sweeps.search import make_pruner, make_sampler
 
     make_sampler(asdict(s)), make_pruner(asdict(s))  # unknown names fail here, not in a worker
@@ -113,7 +124,7 @@ def make_plan(overrides: list[str]) -> Plan:
             "search.metric", s.metric, "a validation loss: val/loss or val/loss@<mode>"
         )
 
-    cells = []
+    cells, configs = [], []
     points = list(dict.fromkeys(tuple(p) for p in expand_grid(axes)))  # `a,a` is one cell
     for point in map(list, points):
         run_cfg = validate(to_run_config(compose([*base, *point], "sweep")))
@@ -128,6 +139,7 @@ def make_plan(overrides: list[str]) -> Plan:
                 validate(to_run_config(compose([*base, *point, f"{key}={value}"], "sweep")))
         name = ",".join(p.lstrip("+") for p in point if p.split("=", 1)[0].lstrip("+") in axis_keys)
         cells.append({"name": name or "all", "overrides": point, "space": space})
+        configs.append(run_cfg)
     return Plan(
         sweep=cfg.sweep.name,
         sweep_dir=(Path(cfg.sweep.dir) / cfg.sweep.name).resolve(),
@@ -138,4 +150,5 @@ def make_plan(overrides: list[str]) -> Plan:
         storage_url=cfg.storage.url,
         base_seed=cfg.seed,
         axes=axes,
+        cell_configs=configs,
     )

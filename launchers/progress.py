@@ -4,7 +4,7 @@ and the best value so far. Used by the live view and by `bln-sweep status NAME`.
 import math
 from pathlib import Path
 
-from bln_sweeps.search import budget_state, load_manifest, open_storage, study_names
+from bln_sweeps.search import budget_ended, budget_state, load_manifest, open_storage, study_names
 
 
 def cell_rows(sweep_dir: Path) -> list[dict]:
@@ -19,18 +19,20 @@ def cell_rows(sweep_dir: Path) -> list[dict]:
         confirm = optuna.load_study(study_name=confirm_name, storage=storage)
         s = budget_state(search, m["search"]["n_trials"])
         c = budget_state(confirm, m["search"]["confirm_seeds"])
+        ended = budget_ended(search)  # search.budget_hours stopped new trials in this cell
         values = [t.value for t in search.get_trials(deepcopy=False) if t.value is not None]
         rows.append(
             {
                 "cell": cell["name"],
-                "trials": f"{s['done']}/{m['search']['n_trials']}",
+                "trials": f"{s['done']}/{m['search']['n_trials']}" + (" (budget)" if ended else ""),
                 "running": s["running"] + c["running"],
                 "complete": s["complete"],
                 "pruned": s["pruned"],
                 "failed": s["failed"] + c["failed"],
                 "best": min(values) if values else math.nan,
                 "confirm": f"{c['done']}/{m['search']['confirm_seeds']}",
-                "finished": s["left"] <= 0
+                "ended": ended,
+                "finished": (s["left"] <= 0 or bool(ended))
                 and not (s["running"] or s["waiting"])
                 and (c["left"] <= 0 or s["complete"] == 0)
                 and not (c["running"] or c["waiting"]),
@@ -45,7 +47,8 @@ def render(rows: list[dict]) -> str:
     widths = [max(len(str(x)) for x in [c, *(row[i] for row in cells)]) for i, c in enumerate(cols)]
     line = "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))
     body = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join([line, *body])
+    notes = sorted({r["ended"] for r in rows if r.get("ended")})[:1]  # one cap, one line
+    return "\n".join([line, *body, *notes])
 
 
 def _value(v: float) -> str:

@@ -126,7 +126,9 @@ def detached() -> Iterator[None]:
     """Spawn local workers that outlive this driver's terminal: stdin/stdout/stderr on
     /dev/null (an inherited pipe would keep a caller reading the driver's output waiting until
     every worker ends, and a closed terminal would break their writes), and SIGHUP ignored (an
-    SSH disconnect hangs up the driver's process group). Workers log to their job folders."""
+    SSH disconnect hangs up the driver's process group). SIGINT too: Ctrl-C in the live view
+    reaches the whole foreground process group, and it detaches the view, not the workers
+    (`bln-sweep stop` stops them). Workers log to their job folders."""
     import signal
     import sys
 
@@ -135,6 +137,7 @@ def detached() -> Iterator[None]:
     saved = [os.dup(fd) for fd in (0, 1, 2)]
     null = os.open(os.devnull, os.O_RDWR)
     hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    intr = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
@@ -145,6 +148,7 @@ def detached() -> Iterator[None]:
             os.close(copy)
         os.close(null)
         signal.signal(signal.SIGHUP, hup)
+        signal.signal(signal.SIGINT, intr)
 
 
 @contextmanager
