@@ -13,6 +13,7 @@ Nothing heavy is imported before the arguments are read, so --help is instant on
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path

@@ -715,7 +715,7 @@ def edge_report(sweep_dir: Path) -> list[str]:
             where = _space_entry(manifest, cell, key)
             lines.append(
                 f"at edge: {cell['name']}: best {key}={best.params[key]:.4g} lies in the {edge}"
-                f" tenth of {expression(space[key])}; widen it: \"{where}={wider}\""
+                f' tenth of {expression(space[key])}; widen it: "{where}={wider}"'
                 f" (or search.expand_edges=true)"
             )
     return lines
