@@ -8,6 +8,9 @@ train/inference gap and any leak are visible:
   leaky norm this is the optimistic number a train-mode loss would report.
 - `val/loss@bln-XXXX`: BLN's four inference switches (batch_moving_mean, batch_moving_var,
   feature_moving_mean, feature_moving_var) as T/F, e.g. `bln-TTFF` (the official default).
+- `dyt/saturated@<site>` (DyT models): the fraction of |alpha * x| > 2 at each site kind (ln_1,
+  ln_2, ln_f, ...; averaged over layers) in the `val/loss` pass. tanh is flat there (slope < 0.07),
+  and early saturation predicts DyT losing to LayerNorm at small GPT-2 scale (NORMS.md §10).
 
 Train-mode forwards update running statistics (BatchNorm, BLN, PowerNorm's phi and iters), even
 under no_grad, so every mode snapshots the buffers first and restores them after.
@@ -19,6 +22,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+
+from bln_sweeps.norms import DyT
 
 BLN_SWITCHES = (
     "batch_moving_mean",
@@ -60,6 +65,35 @@ def bln_switches(model: nn.Module, code: str) -> Iterator[None]:
                 setattr(m, s, v)
 
 
+@contextmanager
+def dyt_saturation(model: nn.Module, out: dict[str, float]) -> Iterator[None]:
+    """Count |alpha * x| > 2 at every DyT site during the block; add the fractions to `out`."""
+    counts: dict[str, list[int]] = {}  # site kind -> [saturated, total]
+
+    def hook(kind: str):
+        def count(module, args):
+            with torch.no_grad():
+                x = args[0]  # (B, T, C)
+                c = counts.setdefault(kind, [0, 0])
+                c[0] += int(((module.alpha * x.float()).abs() > 2).sum())
+                c[1] += x.numel()
+
+        return count
+
+    sites = getattr(model, "norm_modules", list)()
+    handles = [
+        m.register_forward_pre_hook(hook(name.rsplit(".", 1)[-1]))
+        for name, m in sites
+        if isinstance(m, DyT)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    out.update({f"dyt/saturated@{k}": sat / max(n, 1) for k, (sat, n) in sorted(counts.items())})
+
+
 def has_bln(model: nn.Module) -> bool:
     return any(all(hasattr(m, s) for s in BLN_SWITCHES) for m in model.modules())
 
@@ -88,7 +122,8 @@ def evaluate(
     out = {}
     # Each mode gets its own snapshot: the train-mode pass must not move the running statistics
     # that the eval-mode passes after it read.
-    with frozen_buffers(model):
+    saturation: dict[str, float] = {}
+    with frozen_buffers(model), dyt_saturation(model, saturation):
         model.eval()
         out["val/loss"] = mean_loss(model, batches, autocast)
     if batch_stats:
@@ -105,4 +140,4 @@ def evaluate(
             for code in codes:
                 with bln_switches(model, code):
                     out[f"val/loss@bln-{code}"] = mean_loss(model, batches, autocast)
-    return out
+    return {**out, **saturation}

@@ -109,6 +109,8 @@ def test_every_run_logs_its_probes_and_the_measured_leaky_tag(make_cfg, mlflow_u
     assert (params["model.qk_norm"], params["model.norm_placement"]) == ("rmsnorm", "peri")
     assert params["norm.options.alpha_init"] == "0.5"
     assert params["norm.sites.ln_1.alpha_init"] == "None"  # = norm.options.alpha_init
+    metrics = client.get_run(causal["run_id"]).data.metrics
+    assert 0 <= metrics["dyt/saturated:ln_1"] <= 1 and "dyt/saturated:ln_2_out" in metrics
     assert tags["leaky"] == tags["leak.measured"] == "false"
     assert tags["leak.probes"] == "0" and float(tags["leak.max_delta"]) == 0.0
 
