@@ -10,6 +10,9 @@ train/inference gap and any leak are visible:
   leaky norm this is the optimistic number a train-mode loss would report.
 - `<split>/loss@bln-XXXX`: BLN's four inference switches (batch_moving_mean, batch_moving_var,
   feature_moving_mean, feature_moving_var) as T/F, e.g. `bln-TTFF` (the official default).
+- `dyt/saturated@<site>` (DyT models): the fraction of |alpha * x| > 2 at each site kind (ln_1,
+  ln_2, ln_f, ...; averaged over layers) in the `val/loss` pass. tanh is flat there (slope < 0.07),
+  and early saturation predicts DyT losing to LayerNorm at small GPT-2 scale (NORMS.md §10).
 
 Evaluation is a pure function of the weights and buffers at that moment. Train-mode forwards
 update running statistics (BatchNorm, BLN, PowerNorm's phi and iters), even under no_grad, so
@@ -20,10 +23,12 @@ batch sees another's updates, and the order of the batches changes no value.
 import itertools
 import math
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
+
+from bln_sweeps.norms import DyT
 
 BLN_SWITCHES = (
     "batch_moving_mean",
@@ -63,6 +68,35 @@ def bln_switches(model: nn.Module, code: str) -> Iterator[None]:
         for m, values in zip(blns, saved, strict=True):
             for s, v in zip(BLN_SWITCHES, values, strict=True):
                 setattr(m, s, v)
+
+
+@contextmanager
+def dyt_saturation(model: nn.Module, out: dict[str, float]) -> Iterator[None]:
+    """Count |alpha * x| > 2 at every DyT site during the block; add the fractions to `out`."""
+    counts: dict[str, list[int]] = {}  # site kind -> [saturated, total]
+
+    def hook(kind: str):
+        def count(module, args):
+            with torch.no_grad():
+                x = args[0]  # (B, T, C)
+                c = counts.setdefault(kind, [0, 0])
+                c[0] += int(((module.alpha * x.float()).abs() > 2).sum())
+                c[1] += x.numel()
+
+        return count
+
+    sites = getattr(model, "norm_modules", list)()
+    handles = [
+        m.register_forward_pre_hook(hook(name.rsplit(".", 1)[-1]))
+        for name, m in sites
+        if isinstance(m, DyT)
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    out.update({f"dyt/saturated@{k}": sat / max(n, 1) for k, (sat, n) in sorted(counts.items())})
 
 
 def has_bln(model: nn.Module) -> bool:
@@ -114,10 +148,13 @@ def evaluate(
     `batch_size` rows, the sample the batch-statistic modes normalize over."""
     batches = chunks(*windows, batch_size)
     out = {}
+    saturation: dict[str, float] = {}  # DyT's diagnostic, from the selection split's pass only
+    watch = dyt_saturation(model, saturation) if split == "val" else nullcontext()
     with frozen_buffers(model):
         snapshot = {name: b.detach().clone() for name, b in model.named_buffers()}
         model.eval()
-        out[f"{split}/loss"] = mean_loss(model, batches, autocast, snapshot)
+        with watch:
+            out[f"{split}/loss"] = mean_loss(model, batches, autocast, snapshot)
         if batch_stats:
             model.train()
             for m in model.modules():  # batch statistics, but no dropout noise
@@ -130,4 +167,4 @@ def evaluate(
             for code in codes:
                 with bln_switches(model, code):
                     out[f"{split}/loss@bln-{code}"] = mean_loss(model, batches, autocast, snapshot)
-    return out
+    return {**out, **saturation}

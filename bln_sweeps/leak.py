@@ -10,12 +10,12 @@ measures it on the exact model a run trains (the method nanochat#845 proposes, N
 A causal model cannot let positions <= t see tokens after t, in its own sequence or (through
 batch statistics) in another one, so max_delta is 0 up to float noise. The noise floor is
 measured too: the unchanged batch is run twice, and a leak is a delta above both LEAK_ATOL and
-NOISE_FACTOR times that floor (bitwise 0 on CPU; GPU kernels are deterministic for a fixed
-shape, so the floor is 0 there as well unless a kernel says otherwise).
+NOISE_FACTOR times that floor (bitwise 0 on CPU; on a GPU whatever its kernels give: measured,
+not assumed).
 
 The probe changes nothing a run could notice: no gradients, every buffer (running statistics,
-PowerNorm's phi and call counter) restored, torch's RNG forked, the training sampler untouched
-(its next batch is read from a copy), dropout off (it would be noise, not a leak). Training with
+PowerNorm's phi and call counter) restored, torch's RNG forked, the training sampler's state
+restored after its next batch is read, dropout off (it would be noise, not a leak). Training with
 and without it is bitwise identical on CPU; a test proves it.
 
 `train.run` probes before the first optimizer step and once more when PowerNorm's warm-up (which

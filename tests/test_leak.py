@@ -109,6 +109,8 @@ def test_every_run_logs_its_probes_and_the_measured_leaky_tag(make_cfg, mlflow_u
     assert (params["model.qk_norm"], params["model.norm_placement"]) == ("rmsnorm", "peri")
     assert params["norm.options.alpha_init"] == "0.5"
     assert params["norm.sites.ln_1.alpha_init"] == "None"  # = norm.options.alpha_init
+    metrics = client.get_run(causal["run_id"]).data.metrics
+    assert 0 <= metrics["dyt/saturated:ln_1"] <= 1 and "dyt/saturated:ln_2_out" in metrics
     assert tags["leaky"] == tags["leak.measured"] == "false"
     assert tags["leak.probes"] == "0" and float(tags["leak.max_delta"]) == 0.0
 
@@ -176,3 +178,24 @@ def test_probe_is_cheap_on_the_tiny_model():
     x = torch.randint(0, cfg.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
     report = leak.probe(model, x, step=0)
     assert math.isfinite(report.seconds) and not report.leaked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("norm, leaky", [("layernorm", False), ("dyt", False), ("batchnorm", True)])
+def test_compiled_qk_norm_peri_run_probes_under_bf16_on_gpu(make_cfg, mlflow_uri, norm, leaky):
+    """The CUDA path: torch.compile with QK-norm and Peri-LN, bf16 autocast, and the probe's
+    verdict there (GPU kernels must not turn float noise into a leak, nor hide a real one)."""
+    cfg = make_cfg(
+        f"norm={norm}",
+        "model.qk_norm=rmsnorm",
+        "model.norm_placement=peri",
+        "train.compile=true",
+        "train.device=cuda",
+        "train.steps=4",
+    )
+    result = run(cfg)
+    assert result["status"] == "finished" and math.isfinite(result["val/loss"])
+    tags = mlflow_client(mlflow_uri).get_run(result["run_id"]).data.tags
+    assert tags["leaky"] == tags["leak.measured"] == str(leaky).lower()
+    assert tags["leak.mismatch"] == "false"
