@@ -426,6 +426,11 @@ def status(argv: list[str]) -> int:
         from launchers.live import poll, summary
 
         print(summary(poll(sweep_dir)))
+        from bln_sweeps.search import STOP_FILE
+
+        if (stopped := sweep_dir / STOP_FILE).exists():
+            when = stopped.read_text().strip()
+            print(f"stopped by bln-sweep stop at {when}; the same bln-sweep command resumes it")
         return 0
     try:
         follow(sweep_dir, [])

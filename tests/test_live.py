@@ -137,6 +137,29 @@ def test_compute_hours_is_run_wall_time_times_devices(tmp_path):
         assert got == pytest.approx(run_s / 3600 * factor, rel=1e-3)
 
 
+def test_stop_reaches_a_running_trainer_as_its_checkpoint_signal_and_never_kills(tmp_path):
+    """`bln-sweep stop` writes STOP; the trial's heartbeat thread turns it into SIGUSR1 once the
+    trainer's handler is installed (checkpoint, then Preempted), and never before: SIGUSR1's
+    default action would kill the worker while it builds its model."""
+    import signal
+
+    import optuna
+
+    from bln_sweeps.checkpoint import StopSignals
+    from bln_sweeps.search import STOP_FILE, Heartbeat
+
+    s = optuna.create_study()
+    trial = s.ask()
+    (tmp_path / STOP_FILE).write_text("now")
+    with Heartbeat(s, trial._trial_id, tmp_path):
+        time.sleep(2.5)  # two stop checks with no handler installed: this process survives
+        with StopSignals() as signals:
+            deadline = time.monotonic() + 60
+            while signals.received is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+    assert signals.received == signal.SIGUSR1
+
+
 # ---- help ------------------------------------------------------------------------------------
 
 
@@ -407,6 +430,14 @@ def test_terminal_view_updates_in_place_and_ctrl_c_detaches_then_stop_and_resume
     assert snap.running == 0
     time.sleep(5)  # a stopped sweep stays stopped: no worker asks for a new trial
     assert poll(sweep_dir).states == snap.states
+    status = subprocess.run(
+        [sys.executable, "-m", "launchers", "status", "live"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "stopped by bln-sweep stop" in status.stdout, status.stdout
     queued = [t for k, t in snap.trials.items() if snap.states[k].startswith("preempted")]
     for t in queued:  # an interrupted trial waits with its checkpoint, to resume from
         assert (Path(t.user_attrs["run_dir"]) / "ckpt.pt").exists()
