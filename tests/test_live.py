@@ -248,10 +248,10 @@ def test_dry_run_prints_compute_per_cell_and_in_total(tmp_path):
         "norm=layernorm,bln", "batch=b4", "launcher.assumed_tflops=0.5", *FAST, cwd=tmp_path
     )
     assert p.returncode == 0, p.stderr
-    # FAST: 12 steps x 1024 tokens per step; 5 trials + 3 confirm seeds (conf/sweep.yaml)
-    flops = 8 * 12 * 1024 * flops_per_token(ModelConfig(), 64)
+    # FAST: 12 steps x 1024 tokens per step; 8 trials + 3 confirm seeds (conf/sweep.yaml)
+    flops = 11 * 12 * 1024 * flops_per_token(ModelConfig(), 64)
     hours = flops / 0.5e12 / 3600
-    assert f"norm=bln: 8 runs, {flops:.2e} FLOPs, {hours:,.2f} CPU-hours" in p.stdout, p.stdout
+    assert f"norm=bln: 11 runs, {flops:.2e} FLOPs, {hours:,.2f} CPU-hours" in p.stdout, p.stdout
     assert f"total: {2 * flops:.2e} FLOPs" in p.stdout
     assert "launcher.assumed_tflops=0.5" in p.stdout
     assert list(tmp_path.iterdir()) == []  # nothing created, no MLflow store opened for writing
@@ -481,19 +481,20 @@ def test_budget_hours_ends_the_search_and_confirm_runs_still_run(tmp_path):
 
 
 def test_gpt2_norms_experiment_composes_with_per_norm_searches_and_an_estimate():
-    """`+experiment=gpt2_norms` with its sequence length pinned (7 norms x 1 batch here, so the
-    test composes 7 cells instead of 105); the full grid's estimate is in the README."""
+    """`+experiment=gpt2_norms` with its sequence length pinned (8 norms x 1 batch here, so the
+    test composes 8 cells instead of 120); the full grid's estimate is in the README."""
     from launchers.cost import estimate, flops_per_token
     from launchers.plan import make_plan
 
     plan = make_plan(["+experiment=gpt2_norms", "seq=s2048", "batch=b16", "storage.url=null"])
-    assert plan.sweep == "gpt2_norms" and len(plan.cells) == 7
+    assert plan.sweep == "gpt2_norms" and len(plan.cells) == 8
     norms = {c.norm.name for c in plan.cell_configs}
     assert norms == {p.stem for p in (ROOT / "conf" / "norm").glob("*.yaml")}  # every variant
     pairs = zip(plan.cell_configs, plan.cells, strict=True)
     spaces = {c.norm.name: cell["space"] for c, cell in pairs}
     assert "norm.options.zeta" in spaces["bln"] and "norm.options.zeta" not in spaces["layernorm"]
     assert "norm.options.warmup_steps" in spaces["powernorm"]
+    assert "norm.options.alpha_init" in spaces["dyt"]
     for cfg in plan.cell_configs:
         assert cfg.model.name == "gpt2_124m" and cfg.seq.len == 2048 and cfg.batch.size == 16
         assert cfg.grad_accum * 16 * 2048 == 2**19  # equal tokens per optimizer step
@@ -502,4 +503,4 @@ def test_gpt2_norms_experiment_composes_with_per_norm_searches_and_an_estimate()
     runs = plan.search["n_trials"] + plan.search["confirm_seeds"]
     per_cell = runs * 1000 * 2**19 * flops_per_token(plan.cell_configs[0].model, 2048)
     assert est.unit == "GPU-hours"
-    assert est.hours == pytest.approx(7 * per_cell / 300e12 / 3600)
+    assert est.hours == pytest.approx(8 * per_cell / 300e12 / 3600)
