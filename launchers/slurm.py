@@ -154,7 +154,7 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
             raise ConfigError(
                 f"launcher.slurm.{key}",
                 opts[key],
-                "must be 1: a worker is one process; use launcher.workers for more",
+                "must be 1; more workers: launcher.workers, ranks: launcher.ranks_per_worker",
             )
     for key, value, least in (
         ("launcher.cpus_per_worker", launcher["cpus_per_worker"], 1),
