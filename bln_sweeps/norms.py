@@ -560,9 +560,7 @@ class BatchLayerNorm(nn.Module):
             else pad_mask[..., None]
         )  # (B, T, 1)
         n = _group_sum((~pad).sum(dims, keepdim=True).to(xf.dtype), sync)
-        mean = _group_sum(
-            xf.masked_fill(pad, 0.0).sum(dims, keepdim=True), sync
-        ) / n.clamp_min(1)
+        mean = _group_sum(xf.masked_fill(pad, 0.0).sum(dims, keepdim=True), sync) / n.clamp_min(1)
         sq = (xf - mean).masked_fill(pad, 0.0).square().sum(dims, keepdim=True)
         var = _group_sum(sq, sync) / n.clamp_min(1)
         return mean, var, n
