@@ -139,8 +139,8 @@ def write_section(path: Path, section: str) -> None:
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     body = lines[start:end]
     # keep the hand-written notes that follow the generated table
-    table_end = max(i for i, line in enumerate(body) if line.startswith("|"))
-    notes = body[table_end + 1 :]
+    rows = [i for i, line in enumerate(body) if line.startswith("|")]
+    notes = body[max(rows) + 1 :] if rows else [""]  # no table yet ("not yet run"): replace all
     new = section.rstrip().splitlines() + notes
     path.write_text("\n".join(lines[:start] + new + lines[end:]).rstrip() + "\n")
 

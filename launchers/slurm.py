@@ -23,6 +23,7 @@ Torch-free at import: the login node only builds sbatch parameters. Override val
 through a shell: they travel in the sweep manifest and in submitit's pickle.
 """
 
+import os
 import re
 import shlex
 import shutil
@@ -188,7 +189,7 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
             raise ConfigError(
                 f"launcher.slurm.{key}",
                 opts[key],
-                "must be 1: a worker is one process; use launcher.workers for more",
+                "must be 1; more workers: launcher.workers, ranks: launcher.ranks_per_worker",
             )
     for key, value, least in (
         ("launcher.cpus_per_worker", launcher["cpus_per_worker"], 1),
@@ -392,18 +393,24 @@ class WorkerJob(submitit.helpers.Checkpointable):
         requeue = signal.getsignal(preempt)  # submitit's checkpoint-and-requeue handler
         requeue = requeue if callable(requeue) else None
 
+        # In a job of several tasks (a trial on several ranks) every task gets the signal, and
+        # rank 0 alone requeues, after it saved: a requeue from another rank would kill rank 0
+        # before its checkpoint. RANK is set by worker_main from submitit's job environment.
+        def rank0() -> bool:
+            return os.environ.get("RANK", "0") == "0"
+
         def relay(signum, frame):
             trainer = signal.getsignal(signal.SIGUSR1)
             if isinstance(getattr(trainer, "__self__", None), StopSignals):
                 trainer(signum, frame)  # checkpoint after this step, then Preempted
-            elif requeue is not None:
+            elif requeue is not None and rank0():
                 requeue(signum, frame)  # checkpoint() + scontrol requeue + exit
 
         signal.signal(preempt, relay)
         try:
             return worker_main(sweep_dir, worker_id)
         except Preempted as e:
-            if e.signum == preempt and requeue is not None:
+            if e.signum == preempt and requeue is not None and rank0():
                 requeue(e.signum, None)  # exits: requeued, or UncompletedJobError past the limit
             # SIGTERM: SLURM requeues (scontrol requeue, preemption) or ends (scancel) the job
             # itself. submitit's own preemption test sends SIGTERM and then SIGUSR2: give that

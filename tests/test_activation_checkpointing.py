@@ -56,7 +56,7 @@ def test_checkpointing_keeps_less_for_backward():
     assert saved_bytes() < 0.6 * full
 
 
-@pytest.mark.slow  # one GPT-2 124M optimizer step on 4096 tokens: ~1 min on 2 cores
+@pytest.mark.slow  # one GPT-2 124M step on 4096 tokens, eval included: 1-4 min on 2 cores
 def test_gpt2_124m_step_at_seq_4096_runs_on_cpu(make_cfg):
     cfg = make_cfg(
         "model=gpt2_124m",

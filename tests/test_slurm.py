@@ -592,3 +592,55 @@ def test_control_characters_and_odd_option_names_are_rejected(opts, key):
         slurm.settings(launcher(**opts))
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("launcher.slurm.") and key in msg, msg
+
+
+@pytest.mark.slurm
+def test_two_task_trial_is_preempted_and_resumes(slurm_cluster, tmp_path, cancel_leftovers):
+    """A worker job of 2 SLURM tasks (launcher.ranks_per_worker=2, gloo on CPU) trains its trial
+    as 2 DDP ranks; SLURM's checkpoint signal (USR2) reaches the tasks, both stop after the same
+    step, rank 0 saves, submitit requeues the job and both ranks resume the same trial in the
+    same MLflow run from that checkpoint."""
+    from tests.test_sweep import FAST, bln_sweep, sweep_facts
+
+    sweep_dir = tmp_path / "sweeps" / "ddp"
+    cancel_leftovers(sweep_dir)
+    p = bln_sweep(
+        "norm=bln",
+        "norm.options.sync=global",
+        "batch=b4",
+        "sweep.name=ddp",
+        "search.n_trials=1",
+        "search.confirm_seeds=0",
+        "search.pruner=none",
+        "launcher.workers=1",
+        "launcher.ranks_per_worker=2",
+        *SLURM_ARGS,
+        *FAST,
+        "train.steps=24",
+        "train.eval_interval=12",
+        "train.checkpoint_interval=4",
+        "--detach",
+        cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    (job,) = job_ids(sweep_dir)
+
+    def checkpointed():
+        running = [t for t in trials(sweep_dir) if t.state.name == "RUNNING"]
+        return running and (Path(running[0].user_attrs["run_dir"]) / "ckpt.pt").exists()
+
+    # generous limits: two ranks start (imports, gloo) twice, on a CI machine shared with others
+    wait_for("a running trial with a checkpoint", checkpointed, timeout_s=300)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for("the job to end", lambda: not in_queue(job) and trials(sweep_dir), timeout_s=600)
+    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "Restarts=1" in show and "JobState=COMPLETED" in show and "NumTasks=2" in show, show
+    (trial,) = trials(sweep_dir)
+    assert trial.state.name == "COMPLETE" and trial.user_attrs.get("preempted") == 1, trial
+    (mlrun,) = [r for r in sweep_facts(sweep_dir)["runs"] if r.data.tags.get("kind") == "trial"]
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["n_ranks"] == "2"
+    assert int(mlrun.data.tags["resumed_from_step"]) >= 4  # from a checkpoint, not from scratch
+    logs = {f.name for f in sweep_dir.rglob("*_log.err")}
+    assert any(n.endswith("_0_log.err") for n in logs) and any(
+        n.endswith("_1_log.err") for n in logs
+    )
