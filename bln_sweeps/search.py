@@ -306,9 +306,7 @@ class Worker:
         return study_name[len(self.manifest["sweep"]) + 1 :]
 
     def search_budget(self, study) -> int:
-        """search.n_trials, plus search.expand_trials once an edge range was widened."""
-        extra = self.search.get("expand_trials", 0) if study.user_attrs.get("expanded") else 0
-        return self.search["n_trials"] + extra
+        return search_budget(study, self.search)
 
     def cell_space(self, cell: dict, study) -> dict[str, Any]:
         """The distributions a cell's trials are asked with: its search space, with any range
@@ -529,6 +527,17 @@ class Worker:
         return True
 
 
+def search_budget(study, search: Mapping[str, Any]) -> int:
+    """search.n_trials, plus search.expand_trials once an edge range was widened."""
+    extra = search.get("expand_trials", 0) if study.user_attrs.get("expanded") else 0
+    return search["n_trials"] + extra
+
+
+def expansion_pending(study, search: Mapping[str, Any]) -> bool:
+    """search.expand_edges is on and no worker has yet looked for edges in this study."""
+    return bool(search.get("expand_edges")) and "expanded" not in study.user_attrs
+
+
 def searched_space(cell: dict, study) -> dict[str, Any]:
     """A cell's distributions: its search space, with the ranges search.expand_edges widened (a
     study user attribute, {key: distribution JSON})."""
@@ -574,7 +583,7 @@ def edge_report(sweep_dir: Path) -> list[str]:
             where = _space_entry(manifest, cell, key)
             lines.append(
                 f"at edge: {cell['name']}: best {key}={best.params[key]:.4g} lies in the {edge}"
-                f" tenth of {expression(space[key])}; widen it: \"{where}={wider}\""
+                f' tenth of {expression(space[key])}; widen it: "{where}={wider}"'
                 f" (or search.expand_edges=true)"
             )
     return lines
