@@ -293,13 +293,17 @@ def _cell_row(
 
 
 def _best_trial(g: pd.DataFrame, metric: str, varied: list[str]) -> dict:
-    """The best finished trial of the cell, with the params that vary across its trials."""
+    """The best finished trial of the cell, with the params that vary across its trials and its
+    value of `metric`. For a test-split metric the best is the trial the search selected, by
+    the selection split (`test/loss@batch` -> `val/loss@batch`): test data never picks it."""
     trials = g[g["_kind"] == TRIAL]
-    ok = trials[(trials["_outcome"] == FINISHED) & trials[metric].notna()]
+    select = "val/" + metric[len("test/") :] if metric.startswith("test/") else metric
+    select = select if select in g else metric
+    ok = trials[(trials["_outcome"] == FINISHED) & trials[select].notna()]
     if ok.empty:
         return {"best_value": np.nan, "best_trial": pd.NA, "best_params": None}
-    vals = ok[metric].astype(float)
-    best = ok.loc[vals.idxmax() if higher_is_better(metric) else vals.idxmin()]
+    vals = ok[select].astype(float)
+    best = ok.loc[vals.idxmax() if higher_is_better(select) else vals.idxmin()]
     text = ", ".join(f"{p}={_fmt(best[p])}" for p in varied)
     trial = best["trial"] if "trial" in best.index else pd.NA
     return {"best_value": float(best[metric]), "best_trial": trial, "best_params": text}

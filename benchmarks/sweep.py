@@ -6,12 +6,15 @@
    (tiny model, one optimizer step, tracking off). Per trial = span from the end of trial 0 to the
    end of the last trial / (n - 1), so process start-up and imports count for neither.
 2. **Scaling**: trials per hour of `bln-sweep` with 1, 2 and 4 local workers on that objective.
-3. **Search efficiency**: CPU-seconds to reach the best validation loss of a batch-synchronous,
-   no-pruning search with the same budget (what Hydra's Optuna sweeper does: ask `n_jobs`
-   trials, run them in parallel, wait for all, tell, repeat), vs `bln-sweep` (workers pull
-   trials, median pruner). Same TPE seed, same space, same training task, same worker count.
+3. **Search efficiency**: CPU-seconds to reach the best test loss of a batch-synchronous,
+   no-pruning search with the same budget (what Hydra's Optuna sweeper does with its default
+   TPE: ask `n_jobs` trials, run them in parallel, wait for all, tell, repeat), vs `bln-sweep`
+   (workers pull trials, median pruner, start-up trials sized by the budget). Both select on
+   val/loss and are scored on test/loss; both track every trial in MLflow. Same sampler seed,
+   space, training task and worker count.
 
     python benchmarks/sweep.py [--quick] [--write]
+    python benchmarks/sweep.py --search-only [--budget 24] [--seeds 1]   # part 3 alone
 
 Each worker process gets one torch thread in both set-ups (this machine has 2 cores).
 """
@@ -35,7 +38,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 TRIVIAL = [  # the near-trivial objective: one optimizer step on the tiny model
     "train.steps=1",
     "train.eval_interval=1",
-    "train.eval_batches=1",
+    "eval.tokens=512",
     "train.log_interval=1",
     "train.checkpoint_interval=1000",
     "batch=b4",
@@ -49,7 +52,7 @@ TASK = [  # the search-efficiency task: long enough that pruning has something t
     "batch=b4",
     "train.steps=60",
     "train.eval_interval=10",
-    "train.eval_batches=2",
+    "eval.tokens=1024",
     "train.log_interval=10",
     "train.checkpoint_interval=1000",
     "batch.tokens_per_step=512",
@@ -63,7 +66,8 @@ LR_SPACE = "tag(log, interval(1e-5, 3e-2))"  # wide: many hopeless trials, as in
 def sweep(
     work: Path, name: str, overrides: list[str], n: int, workers: int, pruner: str, seed: int = 0
 ) -> list:
-    """Run `bln-sweep` to completion; its search trials, finished ones only."""
+    """Run `bln-sweep` to completion; its search trials, finished ones only (each with its run's
+    logged test/loss as the user attribute `test_loss`, when it has one)."""
     import optuna
 
     from bln_sweeps.search import load_manifest, open_storage, study_names
@@ -90,7 +94,15 @@ def sweep(
     storage = open_storage(m["storage_url"], sweep_dir)
     (cell,) = m["cells"]
     study = optuna.load_study(study_name=study_names(name, cell["name"])[0], storage=storage)
-    return [t for t in study.get_trials() if t.state.is_finished() and t.datetime_complete]
+    trials = [t for t in study.get_trials() if t.state.is_finished() and t.datetime_complete]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=m["tracking_uri"])
+    for t in trials:
+        run_id = t.user_attrs.get("mlflow_run_id")
+        metrics = client.get_run(run_id).data.metrics if run_id else {}
+        t.user_attrs["test_loss"] = metrics.get("test/loss")
+    return trials
 
 
 def per_trial_s(starts_ends: list[tuple[float, float]]) -> float:
@@ -103,13 +115,16 @@ def stamps(trials) -> list[tuple[float, float]]:
     return [(t.datetime_start.timestamp(), t.datetime_complete.timestamp()) for t in trials]
 
 
-def compose_run(overrides: list[str], lr: float, out: str):
+def compose_run(overrides: list[str], lr: float, out: str, tracking: str | None = None):
+    """A run config; tracking off, or into the MLflow store `tracking` (as bln-sweep tracks)."""
     from bln_sweeps.config import compose, to_run_config, validate
 
     cfg = validate(
         to_run_config(compose([*overrides, f"optim.lr={lr!r}", f"train.out_dir={out}"], "train"))
     )
-    cfg.tracking.enabled = False
+    cfg.tracking.enabled = tracking is not None
+    if tracking is not None:
+        cfg.tracking.uri, cfg.tracking.experiment = tracking, "batch-synchronous"
     return cfg
 
 
@@ -136,37 +151,43 @@ def bare_loop(n: int, out: Path) -> list[tuple[float, float]]:
     return times
 
 
-def _train_one(args: tuple[list[str], float, str]) -> tuple[float, float, float]:
+def _train_one(args: tuple[list[str], float, str, str]) -> tuple[float, float, float, float]:
     import torch
 
     torch.set_num_threads(1)
     from bln_sweeps.train import run
 
-    overrides, lr, out = args
+    overrides, lr, out, tracking = args
     t0 = time.time()
-    result = run(compose_run(overrides, lr, out), run_dir=Path(out))
-    return result["val/loss"], t0, time.time()
+    result = run(compose_run(overrides, lr, out, tracking), run_dir=Path(out))
+    return result["val/loss"], result["test/loss"], t0, time.time()
 
 
 def batch_synchronous(
     n: int, n_jobs: int, out: Path, seed: int = 0
 ) -> list[tuple[float, float, float]]:
-    """Hydra's Optuna sweeper, reproduced: ask n_jobs, run them in parallel, wait for all, tell.
-    No pruning (the sweeper cannot prune). Returns (value, start, end) per trial."""
+    """Hydra's Optuna sweeper, reproduced: ask n_jobs, run them in parallel, wait for all, tell
+    val/loss. No pruning (the sweeper cannot prune); its default TPE (10 start-up trials); every
+    trial tracked in MLflow as bln-sweep tracks its trials. Returns (test/loss, start, end) per
+    trial."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
     dist = optuna.distributions.FloatDistribution(1e-5, 3e-2, log=True)
     done = []
+    tracking = f"sqlite:///{out}/mlflow.db"
+    out.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(n_jobs) as pool:
         while len(done) < n:
             batch = [study.ask({"optim.lr": dist}) for _ in range(min(n_jobs, n - len(done)))]
-            jobs = [(TASK, t.params["optim.lr"], str(out / f"t{t.number}")) for t in batch]
+            jobs = [
+                (TASK, t.params["optim.lr"], str(out / f"t{t.number}"), tracking) for t in batch
+            ]
             results = list(pool.map(_train_one, jobs))  # the barrier: wait for the whole batch
-            for t, (value, t0, t1) in zip(batch, results, strict=True):
+            for t, (value, test, t0, t1) in zip(batch, results, strict=True):
                 study.tell(t, value)
-                done.append((value, t0, t1))
+                done.append((test, t0, t1))
     return done
 
 
@@ -185,10 +206,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small budgets (a smoke run)")
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    ap.add_argument("--search-only", action="store_true", help="run part 3 only; print JSON")
+    ap.add_argument("--budget", type=int, default=24, help="trials per search (part 3)")
+    ap.add_argument("--seeds", type=int, default=3, help="sampler seeds (part 3)")
+    ap.add_argument("--first-seed", type=int, default=0, help="first sampler seed (part 3)")
     args = ap.parse_args()
-    n_overhead, n_scale, n_search, n_seeds = (6, 20, 6, 1) if args.quick else (16, 40, 12, 3)
+    n_overhead, n_scale = (6, 20) if args.quick else (16, 40)
+    n_search, n_seeds = (6, 1) if args.quick else (args.budget, args.seeds)
     work = Path(tempfile.mkdtemp(prefix="bln-bench-sweep-"))
     facts: dict = {"machine": describe("1 torch thread per worker")}
+    if args.search_only:
+        print(json.dumps({"machine": facts["machine"], "budget": n_search}), flush=True)
+        search_efficiency(work, n_search, n_seeds, args.first_seed)
+        return
 
     # 1. overhead: interleave ours and bare twice, medians
     ours, bare = [], []
@@ -220,13 +250,23 @@ def main() -> None:
         facts["scaling"][workers] = 3600 * len(after) / (max(ends) - t0)
     print(json.dumps(facts["scaling"]), flush=True)
 
-    # 3. search efficiency, 2 workers each, one pair of searches per sampler seed
+    facts["search"] = search_efficiency(work, n_search, n_seeds)
+    if args.write:
+        write(facts, quick=args.quick)
+
+
+def search_efficiency(work: Path, n_search: int, n_seeds: int, first_seed: int = 0) -> dict:
+    """Part 3: 2 workers each, one pair of searches per sampler seed, run side by side in time
+    (the batch-synchronous search first, then ours, per seed)."""
     runs = []
-    for seed in range(n_seeds):
+    for seed in range(first_seed, first_seed + n_seeds):
         base = batch_synchronous(n_search, 2, work / f"sync{seed}", seed)
-        best = min(v for v, _, _ in base)
+        best = min(v for v, _, _ in base if v is not None)
         pulled = sweep(work, f"pull{seed}", TASK, n_search, 2, "median", seed)
-        ours3 = [(t.value, *ts) for t, ts in zip(pulled, stamps(pulled), strict=True)]
+        ours3 = [
+            (t.user_attrs.get("test_loss"), *ts)
+            for t, ts in zip(pulled, stamps(pulled), strict=True)
+        ]
         base_cost = cpu_seconds_to_reach(base, best)
         our_cost = cpu_seconds_to_reach(ours3, best)
         runs.append(
@@ -243,9 +283,7 @@ def main() -> None:
             }
         )
         print(json.dumps(runs[-1]), flush=True)
-    facts["search"] = {"budget": n_search, "runs": runs}
-    if args.write:
-        write(facts, quick=args.quick)
+    return {"budget": n_search, "runs": runs}
 
 
 def write(facts: dict, quick: bool) -> None:
@@ -267,7 +305,7 @@ def write(facts: dict, quick: bool) -> None:
         "s/trial** (goal ≤ 0.5) |",
         f"| trials/hour in the steady state, 1 / 2 / 4 local workers | {sc[1]:.0f} / {sc[2]:.0f}"
         f" / {sc[4]:.0f} | | ×{sc[2] / sc[1]:.2f} / ×{sc[4] / sc[1]:.2f} of 1 worker (2 cores) |",
-        f"| CPU-s to the best val/loss of a batch-synchronous no-pruning search ({se['budget']} "
+        f"| CPU-s to the best test/loss of a batch-synchronous no-pruning search ({se['budget']} "
         f"trials, 2 workers; median of {len(ratios)} sampler seeds) | | | **{median}** of its "
         "cost (goal ≤ 0.5×) |",
         "",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,7 +68,9 @@ def build_sampler(name: str, seed: int, n_startup: int) -> BaseSampler:
     }
     if name not in samplers:
         raise ConfigError("search.sampler", name, f"valid: {', '.join(samplers)}")
-    return samplers[name]()
+    with warnings.catch_warnings():  # QMC is "experimental" in Optuna: said once, in the docs
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return samplers[name]()
 
 
 class CellSampler(BaseSampler):

@@ -407,9 +407,7 @@ class Worker:
         return study_name[len(self.manifest["sweep"]) + 1 :]
 
     def search_budget(self, study) -> int:
-        """search.n_trials, plus search.expand_trials once an edge range was widened."""
-        extra = self.search.get("expand_trials", 0) if study.user_attrs.get("expanded") else 0
-        return self.search["n_trials"] + extra
+        return search_budget(study, self.search)
 
     def cell_space(self, cell: dict, study) -> dict[str, Any]:
         """The distributions a cell's trials are asked with: its search space, with any range
@@ -668,6 +666,17 @@ class Worker:
             )
             study.tell(trial, state=TrialState.FAIL)
         return True
+
+
+def search_budget(study, search: Mapping[str, Any]) -> int:
+    """search.n_trials, plus search.expand_trials once an edge range was widened."""
+    extra = search.get("expand_trials", 0) if study.user_attrs.get("expanded") else 0
+    return search["n_trials"] + extra
+
+
+def expansion_pending(study, search: Mapping[str, Any]) -> bool:
+    """search.expand_edges is on and no worker has yet looked for edges in this study."""
+    return bool(search.get("expand_edges")) and "expanded" not in study.user_attrs
 
 
 def searched_space(cell: dict, study) -> dict[str, Any]:

@@ -4,7 +4,15 @@ and the best value so far. Used by the live view and by `bln-sweep status NAME`.
 import math
 from pathlib import Path
 
-from bln_sweeps.search import budget_ended, budget_state, load_manifest, open_storage, study_names
+from bln_sweeps.search import (
+    budget_ended,
+    budget_state,
+    expansion_pending,
+    load_manifest,
+    open_storage,
+    search_budget,
+    study_names,
+)
 
 
 def cell_rows(sweep_dir: Path) -> list[dict]:
@@ -17,14 +25,15 @@ def cell_rows(sweep_dir: Path) -> list[dict]:
         search_name, confirm_name = study_names(m["sweep"], cell["name"])
         search = optuna.load_study(study_name=search_name, storage=storage)
         confirm = optuna.load_study(study_name=confirm_name, storage=storage)
-        s = budget_state(search, m["search"]["n_trials"])
+        s = budget_state(search, search_budget(search, m["search"]))
         c = budget_state(confirm, m["search"]["confirm_seeds"])
         ended = budget_ended(search)  # search.budget_hours stopped new trials in this cell
         values = [t.value for t in search.get_trials(deepcopy=False) if t.value is not None]
         rows.append(
             {
                 "cell": cell["name"],
-                "trials": f"{s['done']}/{m['search']['n_trials']}" + (" (budget)" if ended else ""),
+                "trials": f"{s['done']}/{search_budget(search, m['search'])}"
+                + (" (budget)" if ended else ""),
                 "running": s["running"] + c["running"],
                 "complete": s["complete"],
                 "pruned": s["pruned"],
@@ -34,6 +43,7 @@ def cell_rows(sweep_dir: Path) -> list[dict]:
                 "ended": ended,
                 "finished": (s["left"] <= 0 or bool(ended))
                 and not (s["running"] or s["waiting"])
+                and not (s["complete"] and expansion_pending(search, m["search"]))
                 and (c["left"] <= 0 or s["complete"] == 0)
                 and not (c["running"] or c["waiting"]),
             }

@@ -725,3 +725,10 @@ def test_tables_default_to_the_test_split_when_runs_logged_it(runs):
     # the train/inference gap is taken on the split the table reports
     row = t.iloc[0]
     assert row["batch_gap"] == pytest.approx(row["test/loss@batch"] - row["mean"], abs=1e-9)
+    # the best trial is the one the search selected (by val/loss), shown with its test/loss
+    lucky = with_test["kind"].eq("trial") & with_test["optim.lr"].eq(TRIAL_LRS[0])
+    with_test.loc[lucky, "test/loss"] = 0.0  # a worse trial on val that test data would pick
+    t = comparison_table(with_test, metric="test/loss")
+    finished = t["best_params"].notna()
+    assert (t.loc[finished, "best_params"] == "optim.lr=0.0003").all()
+    assert (t.loc[finished, "best_value"] > 0.0).all()

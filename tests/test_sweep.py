@@ -73,6 +73,8 @@ def test_plan_cells_are_the_grid_product():
         (["seq=glob(nothing*)"], "seq"),
         (["search.n_trials=0"], "search.n_trials"),
         (["search.confirm_seeds=-1"], "search.confirm_seeds"),
+        (["search.startup_trials=-1"], "search.startup_trials"),
+        (["search.expand_trials=-1"], "search.expand_trials"),
         (["optim.lr=1e-3,2e-3", "search=default"], "optim.lr"),
         (["search.sampler=anneal"], "search.sampler"),
         (["search.pruner=sometimes"], "search.pruner"),
