@@ -67,12 +67,12 @@ def status_word(t) -> str | None:
 def poll(sweep_dir: Path) -> Snapshot:
     import optuna
 
-    from bln_sweeps.search import budget_ended, budget_state, compute_hours
+    from bln_sweeps.search import budget_ended, budget_state, compute_hours, search_budget
     from launchers.progress import cell_rows
 
     m = load_manifest(sweep_dir)
     storage = open_storage(m["storage_url"], sweep_dir)
-    n_trials, seeds = m["search"]["n_trials"], m["search"]["confirm_seeds"]
+    seeds = m["search"]["confirm_seeds"]
     snap = Snapshot(rows=cell_rows(sweep_dir), states={}, trials={})
     snap.unit = "GPU-hours" if m["launcher"].get("gpus_per_worker", 0) else "CPU-hours"
     studies = []
@@ -81,6 +81,7 @@ def poll(sweep_dir: Path) -> Snapshot:
         search = optuna.load_study(study_name=search_name, storage=storage)
         confirm = optuna.load_study(study_name=confirm_name, storage=storage)
         studies += [search, confirm]
+        n_trials = search_budget(search, m["search"])  # more once search.expand_edges widened
         s, c = budget_state(search, n_trials), budget_state(confirm, seeds)
         snap.done += s["done"] + c["done"]
         snap.running += s["running"] + c["running"]
