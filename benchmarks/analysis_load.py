@@ -74,7 +74,7 @@ def config_params(norm: str, batch: int, seq: int, lr: float, wd: float, seed: i
         "data.seed": 1234,
         "train.steps": 5000,
         "train.eval_interval": 500,
-        "train.eval_batches": 20,
+        "eval.tokens": 1048576,
         "train.log_interval": 10,
         "train.device": "auto",
         "train.dtype": "auto",

@@ -64,7 +64,7 @@ def test_gpt2_124m_step_at_seq_4096_runs_on_cpu(make_cfg):
         "batch=b1",
         "norm=bln",
         "train.steps=1",
-        "train.eval_batches=1",
+        "eval.tokens=4096",  # one window per held-out split
         "train.activation_checkpointing=true",
         "data.n_train_tokens=20000",
         "data.n_val_tokens=8200",

@@ -24,6 +24,7 @@ VARIANTS = [
     ("layernorm", "layernorm", {}),
     ("rmsnorm", "rmsnorm", {}),
     ("identity", "identity", {}),
+    ("dyt", "dyt", {}),
     ("batchnorm", "batchnorm", {}),
     ("causal_batchnorm", "causal_batchnorm", {}),
     ("bln", "bln", {"batch_size": B, "max_len": T}),

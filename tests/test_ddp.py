@@ -84,7 +84,7 @@ def train_losses(tmp_path: Path, batch_size: int) -> list[float]:
 def base(tmp_path: Path, uri: str, *extra: str) -> list[str]:
     return [
         *COMMON,
-        "train.eval_batches=2",
+        "eval.tokens=512",
         "train.log_interval=1",
         "data.n_train_tokens=50000",
         "data.n_val_tokens=10000",
