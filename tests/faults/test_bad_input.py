@@ -86,6 +86,7 @@ CATALOGUE = [
     (TRAIN, ['tracking.experiment="it\'s"'], "tracking.experiment", "quotes"),
     (TRAIN, ["train.out_dir={file}"], "train.out_dir", "is a file"),
     (TRAIN, ["train.out_dir={file}/runs"], "train.out_dir", "is a file"),
+    (TRAIN, [f"train.out_dir=/tmp/{'x' * 300}"], "train.out_dir", "File name too long"),
     (TRAIN, ["tracking.uri=file:///tmp/mlruns"], "tracking.uri", "sqlite"),
     (TRAIN, ["tracking.uri=ftp://nowhere/x"], "tracking.uri", "sqlite:///<path>"),
     (TRAIN, ["tracking.uri={garbage_dir}"], "tracking.uri", "directory"),
