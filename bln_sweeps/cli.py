@@ -49,7 +49,7 @@ def check(overrides: list[str], config_name: str = "train") -> int:
     for point in points:
         cfg = validate(to_run_config(compose(point, config_name)))
         check_data(cfg)
-        check_run_names(cfg)
+        check_run_names(cfg, config_name)
         factory = norm_factory(cfg)
         for site in NORM_SITES:  # every site, so a bad per-site option is named here
             try:
@@ -62,14 +62,16 @@ def check(overrides: list[str], config_name: str = "train") -> int:
     return len(points)
 
 
-def check_run_names(cfg) -> None:
+def check_run_names(cfg, config_name: str = "train") -> None:
     """What a run's names and paths must be before a run exists: an experiment name MLflow
-    filters can quote, a writable out_dir (not a file), and a tracking server that answers."""
+    filters can quote, a writable out_dir (not a file; bln-train only: a sweep's runs live in
+    its sweep directory), and a tracking server that answers."""
     from bln_sweeps.names import check_dir, check_name
     from bln_sweeps.tracking import check_server, resolve_tracking_uri
 
     check_name("tracking.experiment", cfg.tracking.experiment, path=False)
-    check_dir("train.out_dir", cfg.train.out_dir)
+    if config_name == "train":
+        check_dir("train.out_dir", cfg.train.out_dir)
     if cfg.tracking.enabled:
         uri = resolve_tracking_uri(cfg.tracking.uri, Path.cwd())
         try:

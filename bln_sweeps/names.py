@@ -54,7 +54,11 @@ def check_dir(key: str, value: object) -> Path:
         raise ConfigError(key, value, f"contains {bad!r}; must be a directory path")
     path = Path(value).expanduser().absolute()
     for part in (path, *path.parents):
-        if part.exists():
+        try:
+            exists = part.exists()
+        except OSError as e:  # e.g. a name longer than the filesystem allows
+            raise ConfigError(key, value, f"cannot be a directory: {e.strerror}") from None
+        if exists:
             if not part.is_dir():
                 raise ConfigError(key, value, f"{part} is a file, not a directory")
             if not os.access(part, os.W_OK | os.X_OK):

@@ -350,7 +350,7 @@ def test_a_url_password_given_to_bln_train_is_found_nowhere(tmp_path):
         uri = f"postgresql://postgres:{quote(password, safe='/:')}@127.0.0.1:5432/{db}"
         p = cli(
             "bln_sweeps.train",
-            *["train.steps=4", "train.eval_interval=2", "train.eval_batches=1", "seq.len=64"],
+            *["train.steps=4", "train.eval_interval=2", "eval.tokens=256", "seq.len=64"],
             *["data.n_train_tokens=20000", "data.n_val_tokens=4000", "train.checkpoint_interval=2"],
             f"tracking.uri={uri}",
             cwd=tmp_path,
