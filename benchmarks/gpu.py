@@ -34,7 +34,7 @@ from bln_sweeps.model import GPT, gpt_config
 from bln_sweeps.norms import build_norm
 from bln_sweeps.train import peak_flops
 
-NORMS = ("layernorm", "rmsnorm", "batchnorm", "bln", "powernorm")
+NORMS = ("layernorm", "rmsnorm", "batchnorm", "bln", "powernorm", "dyt")
 HEADING = "## GPU: GPT-2 124M training, bf16, compiled (benchmarks/gpu.py)"
 
 
