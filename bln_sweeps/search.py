@@ -759,9 +759,13 @@ def worker_main(sweep_dir: str, worker_id: int = 0) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     distributed.setup(device, timeout=timedelta(hours=6))
     if distributed.rank() > 0:
-        return distributed.follow()
-    n = Worker(Path(sweep_dir), worker_id).run()
-    distributed.from_rank0(None)  # every budget spent: the other ranks stop
+        n = distributed.follow()
+    else:
+        n = Worker(Path(sweep_dir), worker_id).run()
+        distributed.from_rank0(None)  # every budget spent: the other ranks stop
+    # A gloo group still alive at interpreter exit can abort the process ("terminate called
+    # without an active exception", exit 134), which SLURM records as a FAILED job.
+    distributed.teardown()
     return n
 
 

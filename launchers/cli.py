@@ -99,9 +99,16 @@ def print_plan(plan: Plan) -> None:
         f" = {plan.trial_budget} runs; sampler {s['sampler']}, pruner {s['pruner']}"
     )
     print(search_design(plan))
-    for cell in plan.cells:
-        space = ", ".join(f"{k}={v}" for k, v in cell["space"].items()) or "(nothing searched)"
-        print(f"  {cell['name']}: {space}")
+    spaces = {
+        cell["name"]: ", ".join(f"{k}={v}" for k, v in cell["space"].items())
+        or "(nothing searched)"
+        for cell in plan.cells
+    }
+    if len(plan.cells) > 1 and len(set(spaces.values())) == 1:  # one line, not one per cell
+        print(f"  every cell: {next(iter(spaces.values()))}")
+    else:
+        for name, space in spaces.items():
+            print(f"  {name}: {space}")
     n = plan.launcher["workers"]
     print(
         f"{n} worker job(s) on launcher {plan.launcher['name']!r}"

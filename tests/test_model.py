@@ -380,17 +380,17 @@ def test_dyt_saturation_is_reported_per_site_kind():
     from bln_sweeps.evaluate import evaluate
 
     model = make_model("dyt", {}, norm_placement="peri")
-    batches = [(idx_batch(), idx_batch(seed=3))]
+    x, y = idx_batch(), idx_batch(seed=3)  # one batch of windows, (B, T) each
     with torch.no_grad():
         for name, m in model.norm_modules():
             m.alpha.fill_({"ln_2": 1e3, "ln_1": 1e-6}.get(name.rsplit(".", 1)[-1], 60.0))
     seen = []  # the ln_f input, to count by hand
     model.transformer.ln_f.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    out = evaluate(model, batches, nullcontext, batch_stats=False)
+    out = evaluate(model, (x, y), x.shape[0], nullcontext, batch_stats=False)
     kinds = ("ln_1", "ln_1_out", "ln_2", "ln_2_out", "ln_f")
     assert [k for k in out if k.startswith("dyt/")] == [f"dyt/saturated@{k}" for k in kinds]
     assert out["dyt/saturated@ln_2"] > 0.9 and out["dyt/saturated@ln_1"] == 0.0
     expected = ((60.0 * seen[0]).abs() > 2).float().mean().item()
     assert 0 < expected < 1 and out["dyt/saturated@ln_f"] == pytest.approx(expected)
-    plain = evaluate(make_model("layernorm", {}), batches, nullcontext, batch_stats=False)
+    plain = evaluate(make_model("layernorm", {}), (x, y), len(x), nullcontext, batch_stats=False)
     assert not [k for k in plain if k.startswith("dyt/")]

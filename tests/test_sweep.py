@@ -224,6 +224,9 @@ def test_pruning_stops_hopeless_trials(tmp_path):
         "search.n_trials=6",
         "search.confirm_seeds=0",
         "search.sampler=random",
+        # the cell's random stream is fixed by search.seed (bln_sweeps.design): seed 1 draws
+        # 3e-3, 3e-3, then 1e-7, so the median pruner has two good curves to stop it against
+        "search.seed=1",
         "search.pruner=median",
         "launcher=debug",
         "search.params={optim.lr:'choice(3e-3, 1e-7)'}",
