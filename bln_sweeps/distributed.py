@@ -12,7 +12,6 @@ verdict, a preemption signal that reached one rank) is agreed on by collective o
 is left waiting in an all-reduce the others never join.
 """
 
-import atexit
 import os
 from datetime import timedelta
 
@@ -54,9 +53,6 @@ def setup(device: torch.device, timeout: timedelta = timedelta(minutes=10)) -> t
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timeout)
-    # A group still alive when the interpreter finalizes can abort the process ("terminate
-    # called without an active exception", exit 134) after a finished run: end it first.
-    atexit.register(teardown)
     return device
 
 
