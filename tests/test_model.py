@@ -315,7 +315,7 @@ def test_qk_norm_and_peri_trace_as_one_graph(qk_norm):
     """torch.compile (train.compile) sees the whole model, QK-norm and Peri-LN included, as one
     graph with no break, and the compiled forward and backward equal eager (AOT autograd; the
     inductor code generation is the slow test below). Not bitwise: under compile the norms run
-    their plain-op formulation (norms.py), eager their hand-written autograd Functions, which
+    their plain-op formulation (norms/), eager their hand-written autograd Functions, which
     round differently in the last bits (~1e-7 here)."""
     check_compiled(qk_norm, backend="aot_eager", atol=1e-6)
 
