@@ -119,9 +119,9 @@ def mem_megabytes(value: Any) -> float:
     return int(m.group(1)) * {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}[unit]
 
 
-def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict]:
-    """LauncherConfig (as a dict) -> (SlurmExecutor parameters, constructor arguments), checked.
-    Every value error names its key (launcher.slurm.<name>) and what SLURM accepts."""
+def given_settings(launcher: dict[str, Any]) -> dict[str, Any]:
+    """The launcher.slurm names a caller set (not None), each a SlurmExecutor parameter that
+    LauncherConfig does not own, every string one line."""
     given = {k: v for k, v in (launcher.get("slurm") or {}).items() if v is not None}
     valid = valid_names()
     for name, value in given.items():
@@ -136,13 +136,13 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
                 given[name],
                 f"unknown SLURM parameter; valid names: {', '.join(valid)}",
             )
-    opts = {**defaults(), **given}
-    ctor = {k: opts.pop(k) for k in ("max_num_timeout", "python") if k in opts}
+    return given
 
-    minutes = launcher.get("timeout_min")
+
+def check_time(minutes: Any, delay: Any) -> None:
+    """The time limit, and the checkpoint signal's lead on it."""
     if isinstance(minutes, bool) or not isinstance(minutes, int) or minutes < 1:
         raise ConfigError("launcher.timeout_min", minutes, "a whole number of minutes >= 1")
-    delay = opts["signal_delay_s"]
     if isinstance(delay, bool) or not isinstance(delay, int) or not 0 < delay < minutes * 60:
         raise ConfigError(
             "launcher.slurm.signal_delay_s",
@@ -150,6 +150,10 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
             f"seconds between the checkpoint signal and the time limit: 0 < s < {minutes * 60}"
             " (launcher.timeout_min * 60)",
         )
+
+
+def check_memory(opts: dict[str, Any]) -> None:
+    """mem or mem_gb (converted to mem in `opts`), and sizes SLURM accepts."""
     if "mem" in opts and "mem_gb" in opts:
         raise ConfigError("launcher.slurm.mem_gb", opts["mem_gb"], "give mem or mem_gb, not both")
     if "mem_gb" in opts:
@@ -167,6 +171,10 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
                     opts[key],
                     "a positive whole size SLURM accepts: 16G, 16000M, 1T (a bare number is MB)",
                 ) from None
+
+
+def check_shapes(launcher: dict[str, Any], opts: dict[str, Any], ctor: dict[str, Any]) -> None:
+    """Lists of strings, sbatch option names, one node and one task, whole numbers."""
     for key in LISTS:
         if key in opts and (
             not isinstance(opts[key], (list, tuple))
@@ -201,10 +209,23 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(key, value, f"a whole number >= {least}")
 
+
+def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict]:
+    """LauncherConfig (as a dict) -> (SlurmExecutor parameters, constructor arguments), checked.
+    Every value error names its key (launcher.slurm.<name>) and what SLURM accepts; what the
+    caller's launcher.slurm leaves out comes from conf/launcher/slurm.yaml."""
+    given = given_settings(launcher)
+    opts = {**defaults(), **given}
+    ctor = {k: opts.pop(k) for k in ("max_num_timeout", "python") if k in opts}
+    minutes = launcher.get("timeout_min")
+    check_time(minutes, opts["signal_delay_s"])
+    check_memory(opts)
+    check_shapes(launcher, opts, ctor)
+
     # --requeue: `scontrol requeue` (submitit's, or an admin's) works even where the cluster's
     # JobRequeue default is 0, and a node failure requeues the worker instead of failing it.
     # `requeue: false` drops it.
-    extra = {"requeue": True, **(extra or {})}
+    extra = {"requeue": True, **(opts.get("additional_parameters") or {})}
     opts["additional_parameters"] = {k: v for k, v in extra.items() if v not in (False, None)}
     params = {
         "job_name": f"bln-{sweep}",
