@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import MISSING
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # Norms whose train-mode statistics pool over the batch: they cannot train on one token.
@@ -492,14 +494,19 @@ class SearchConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = "local"  # local | slurm | debug
-    workers: int = 2  # worker jobs; each pulls trials until the budgets are spent
-    timeout_min: int = 60  # per worker job, always explicit (submitit's local default is 2)
-    gpus_per_worker: int = 0  # 0 on CPU-only machines
-    ranks_per_worker: int = 0  # DDP ranks per trial; 0 = one per GPU (gpus_per_worker), else 1
-    cpus_per_worker: int = 1
-    assumed_tflops: float | None = None  # throughput per worker for --dry-run's cost estimate
-    slurm: dict[str, Any] = field(default_factory=dict)  # submitit slurm_* parameters
+    """Field types only. The values are conf/launcher/<name>.yaml, the one list of launcher
+    defaults (read by bln-sweep through Hydra, by launchers.submit.conf_defaults elsewhere);
+    MISSING here, so a launcher YAML that leaves a field out fails instead of taking a value
+    from a second list."""
+
+    name: str = MISSING  # local | slurm | debug
+    workers: int = MISSING  # worker jobs; each pulls trials until the budgets are spent
+    timeout_min: int = MISSING  # per worker job, always explicit (submitit's local default: 2)
+    gpus_per_worker: int = MISSING  # 0 on CPU-only machines
+    ranks_per_worker: int = MISSING  # DDP ranks per trial; 0 = one per GPU (gpus_per_worker), or 1
+    cpus_per_worker: int = MISSING
+    assumed_tflops: float | None = MISSING  # throughput per worker for --dry-run's cost estimate
+    slurm: dict[str, Any] = MISSING  # submitit slurm_* parameters
 
 
 @dataclass

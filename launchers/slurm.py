@@ -11,19 +11,13 @@ and the executor's constructor arguments `max_num_timeout` and `python`. A missp
 time limit or a memory request SLURM would reject, and a missing `sbatch` fail before anything is
 created, as one-line ConfigErrors.
 
-Time limits and preemption (WorkerJob): submitit asks SLURM for SIGUSR2 `signal_delay_s` before
-the time limit (`--signal=USR2@N`). The worker relays it to the running trainer, which finishes
-its step, writes its checkpoint and raises `Preempted`; the worker hands the trial back to its
-study, and submitit requeues this array task with `scontrol requeue`. The requeued task runs the
-same worker again, which resumes the trial from the checkpoint in the same MLflow run. SIGTERM
-(`scontrol requeue`, preemption, scancel) makes the trainer checkpoint the same way; SLURM itself
-then requeues or ends the job.
+Time limits and preemption: launchers/requeue.py (WorkerJob).
 
 Torch-free at import: the login node only builds sbatch parameters. Override values never pass
 through a shell: they travel in the sweep manifest and in submitit's pickle.
 """
 
-import os
+import functools
 import re
 import shlex
 import shutil
@@ -34,6 +28,7 @@ from typing import Any
 import submitit
 
 from bln_sweeps.config import ConfigError
+from launchers.submit import Launcher, conf_defaults, ranks_per_worker
 
 # submitit parameters that LauncherConfig already owns: set them there, not in launcher.slurm
 OWNED = {
@@ -49,7 +44,6 @@ EXTRA = {
     "max_num_timeout": "requeues after a time limit before a worker gives up (SlurmExecutor)",
     "python": "command that starts python in the job, e.g. a container (SlurmExecutor)",
 }
-DEFAULTS = {"signal_delay_s": 120, "max_num_timeout": 10}
 LISTS = ("setup", "teardown", "srun_args")
 MEM_RE = re.compile(r"^(\d+)([KMGT]B?)?$", re.IGNORECASE)
 # An sbatch long option's name, as `additional_parameters` keys become `#SBATCH --<key>=...`
@@ -76,6 +70,13 @@ def check_one_line(key: str, value: Any) -> None:
         raise ConfigError(
             key, value, f"contains the control character {bad[0]!r}; a value must be one line"
         )
+
+
+@functools.cache
+def defaults() -> dict[str, Any]:
+    """The launcher.slurm values conf/launcher/slurm.yaml sets (signal_delay_s, ...): what a
+    caller's launcher.slurm leaves out."""
+    return {k: v for k, v in conf_defaults("slurm")["slurm"].items() if v is not None}
 
 
 def valid_names() -> list[str]:
@@ -118,9 +119,9 @@ def mem_megabytes(value: Any) -> float:
     return int(m.group(1)) * {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}[unit]
 
 
-def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict]:
-    """LauncherConfig (as a dict) -> (SlurmExecutor parameters, constructor arguments), checked.
-    Every value error names its key (launcher.slurm.<name>) and what SLURM accepts."""
+def given_settings(launcher: dict[str, Any]) -> dict[str, Any]:
+    """The launcher.slurm names a caller set (not None), each a SlurmExecutor parameter that
+    LauncherConfig does not own, every string one line."""
     given = {k: v for k, v in (launcher.get("slurm") or {}).items() if v is not None}
     valid = valid_names()
     for name, value in given.items():
@@ -135,13 +136,13 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
                 given[name],
                 f"unknown SLURM parameter; valid names: {', '.join(valid)}",
             )
-    opts = {**DEFAULTS, **given}
-    ctor = {k: opts.pop(k) for k in ("max_num_timeout", "python") if k in opts}
+    return given
 
-    minutes = launcher.get("timeout_min")
+
+def check_time(minutes: Any, delay: Any) -> None:
+    """The time limit, and the checkpoint signal's lead on it."""
     if isinstance(minutes, bool) or not isinstance(minutes, int) or minutes < 1:
         raise ConfigError("launcher.timeout_min", minutes, "a whole number of minutes >= 1")
-    delay = opts["signal_delay_s"]
     if isinstance(delay, bool) or not isinstance(delay, int) or not 0 < delay < minutes * 60:
         raise ConfigError(
             "launcher.slurm.signal_delay_s",
@@ -149,6 +150,10 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
             f"seconds between the checkpoint signal and the time limit: 0 < s < {minutes * 60}"
             " (launcher.timeout_min * 60)",
         )
+
+
+def check_memory(opts: dict[str, Any]) -> None:
+    """mem or mem_gb (converted to mem in `opts`), and sizes SLURM accepts."""
     if "mem" in opts and "mem_gb" in opts:
         raise ConfigError("launcher.slurm.mem_gb", opts["mem_gb"], "give mem or mem_gb, not both")
     if "mem_gb" in opts:
@@ -166,6 +171,10 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
                     opts[key],
                     "a positive whole size SLURM accepts: 16G, 16000M, 1T (a bare number is MB)",
                 ) from None
+
+
+def check_shapes(launcher: dict[str, Any], opts: dict[str, Any], ctor: dict[str, Any]) -> None:
+    """Lists of strings, sbatch option names, one node and one task, whole numbers."""
     for key in LISTS:
         if key in opts and (
             not isinstance(opts[key], (list, tuple))
@@ -200,10 +209,23 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ConfigError(key, value, f"a whole number >= {least}")
 
+
+def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict]:
+    """LauncherConfig (as a dict) -> (SlurmExecutor parameters, constructor arguments), checked.
+    Every value error names its key (launcher.slurm.<name>) and what SLURM accepts; what the
+    caller's launcher.slurm leaves out comes from conf/launcher/slurm.yaml."""
+    given = given_settings(launcher)
+    opts = {**defaults(), **given}
+    ctor = {k: opts.pop(k) for k in ("max_num_timeout", "python") if k in opts}
+    minutes = launcher.get("timeout_min")
+    check_time(minutes, opts["signal_delay_s"])
+    check_memory(opts)
+    check_shapes(launcher, opts, ctor)
+
     # --requeue: `scontrol requeue` (submitit's, or an admin's) works even where the cluster's
     # JobRequeue default is 0, and a node failure requeues the worker instead of failing it.
     # `requeue: false` drops it.
-    extra = {"requeue": True, **(extra or {})}
+    extra = {"requeue": True, **(opts.get("additional_parameters") or {})}
     opts["additional_parameters"] = {k: v for k, v in extra.items() if v not in (False, None)}
     params = {
         "job_name": f"bln-{sweep}",
@@ -214,8 +236,6 @@ def settings(launcher: dict[str, Any], sweep: str = "sweep") -> tuple[dict, dict
     }
     if launcher["gpus_per_worker"]:
         params["gpus_per_node"] = launcher["gpus_per_worker"]
-    from launchers.submit import ranks_per_worker
-
     if ranks_per_worker(launcher) > 1:  # one task per rank; submitit runs the worker in each
         params["ntasks_per_node"] = ranks_per_worker(launcher)
     try:  # submitit's own check of every value (what update_parameters runs)
@@ -349,74 +369,32 @@ def sbatch_script(
     )
 
 
-def submit(
-    sweep_dir: Path, launcher: dict[str, Any], first_id: int = 0, env: dict[str, str] | None = None
-) -> list:
-    """Submit `launcher.workers` workers as one job array; returns submitit's SlurmJobs. `env`
-    is exported in the batch script before the user's setup lines (the frozen-code snapshot)."""
-    sweep_dir = Path(sweep_dir).resolve()
-    check_sweep_dir(sweep_dir)
-    params, ctor = settings(launcher, sweep_dir.name)
-    params = with_env(params, env)
-    ex = submitit.AutoExecutor(
-        folder=sweep_dir / "jobs" / "%j",
-        cluster="slurm",
-        **{f"slurm_{k}": v for k, v in ctor.items()},
-    )
-    ex.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
-    n = launcher["workers"]
-    ids = list(range(first_id, first_id + n))
-    jobs = ex.map_array(WorkerJob(), [str(sweep_dir)] * n, ids)
-    for job in jobs:
-        job._cancel_at_deletion = False  # workers outlive a detached or killed driver
-    return jobs
+class SlurmLauncher(Launcher):
+    """Every job of a submission as ONE job array: SLURM places the jobs and their GPUs,
+    `launcher.slurm.array_parallelism` (default: `launcher.workers`) run at once."""
 
+    def __init__(self, settings: dict[str, Any], sweep_dir: Path, **kwargs: Any) -> None:
+        super().__init__(settings, Path(sweep_dir).resolve(), **kwargs)
+        self.folder = self.folder.resolve()  # the job's working directory may differ
 
-class WorkerJob(submitit.helpers.Checkpointable):
-    """`bln_sweeps.search.worker_main` as a requeueable submitit job.
+    def check(self, sweep_dir: Path | None = None) -> None:
+        super().check(sweep_dir)
+        check(self.settings, sweep_dir)
 
-    submitit calls `checkpoint` and requeues on its preemption signal (SIGUSR2 in submitit
-    1.5, `SUBMITIT_PREEMPT_SIGNAL`); the trainer only checkpoints on SIGTERM/SIGUSR1. The relay
-    below passes the preemption signal to the running trainer and requeues once the trainer has
-    saved, so a requeued job resumes from that checkpoint instead of losing the step in flight.
-    Between trials there is nothing to save and submitit requeues at once.
-    """
+    def executor(self, gpus: list[int], env: dict[str, str]) -> Any:
+        params, ctor = settings(self.settings, self.job_name)
+        executor = submitit.AutoExecutor(
+            folder=self.folder, cluster="slurm", **{f"slurm_{k}": v for k, v in ctor.items()}
+        )
+        executor.update_parameters(**{f"slurm_{k}": v for k, v in with_env(params, env).items()})
+        return executor
 
-    def __call__(self, sweep_dir: str, worker_id: int) -> int:
-        import signal
-        import time
-
-        from bln_sweeps.checkpoint import Preempted, StopSignals
-        from bln_sweeps.search import worker_main
-
-        preempt = submitit.JobEnvironment._usr_sig()
-        requeue = signal.getsignal(preempt)  # submitit's checkpoint-and-requeue handler
-        requeue = requeue if callable(requeue) else None
-
-        # In a job of several tasks (a trial on several ranks) every task gets the signal, and
-        # rank 0 alone requeues, after it saved: a requeue from another rank would kill rank 0
-        # before its checkpoint. RANK is set by worker_main from submitit's job environment.
-        def rank0() -> bool:
-            return os.environ.get("RANK", "0") == "0"
-
-        def relay(signum, frame):
-            trainer = signal.getsignal(signal.SIGUSR1)
-            if isinstance(getattr(trainer, "__self__", None), StopSignals):
-                trainer(signum, frame)  # checkpoint after this step, then Preempted
-            elif requeue is not None and rank0():
-                requeue(signum, frame)  # checkpoint() + scontrol requeue + exit
-
-        signal.signal(preempt, relay)
-        try:
-            return worker_main(sweep_dir, worker_id)
-        except Preempted as e:
-            if e.signum == preempt and requeue is not None and rank0():
-                requeue(e.signum, None)  # exits: requeued, or UncompletedJobError past the limit
-            # SIGTERM: SLURM requeues (scontrol requeue, preemption) or ends (scancel) the job
-            # itself. submitit's own preemption test sends SIGTERM and then SIGUSR2: give that
-            # signal a moment to arrive (relay requeues), then leave without a result so that a
-            # requeued run is not mistaken for a finished one.
-            deadline = time.time() + 3
-            while time.time() < deadline:
-                time.sleep(0.1)
-            raise SystemExit(f"worker {worker_id}: {e}") from None
+    def submit(self, fn: Any, args: list[tuple]) -> list:
+        """`env` (the frozen-code snapshot) is exported in the batch script before the user's
+        setup lines."""
+        check_sweep_dir(self.sweep_dir)
+        executor = self.executor([], self.job_env(self.snapshot_env()))
+        jobs = executor.map_array(fn, *zip(*args, strict=True))
+        for job in jobs:
+            self.adopt(job)
+        return jobs

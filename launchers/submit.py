@@ -1,14 +1,21 @@
-"""Worker jobs through submitit: local processes (one GPU each), in-process for debugging, or
-one SLURM job array (launchers/slurm.py).
+"""One launcher interface, several backends, as submitit's Executor: `Launcher` submits jobs,
+follows them and cancels them; a backend fills in small hooks (checks, GPU assignment, executor
+creation, job parameters). `LocalLauncher` runs processes on this machine (each on its own GPUs),
+`DebugLauncher` runs in this process (breakpoints work), `launchers.slurm.SlurmLauncher` submits
+one SLURM job array. The sweep driver (`submit_workers`) and the Hydra launcher plugin
+(hydra_plugins/bln_launcher) both submit through it.
 
-Every job runs `bln_sweeps.search.worker_main(sweep_dir, worker_id)`, a module-level function
-(pickled by reference). Time limits are always explicit: submitit's local default of 2 minutes
+Settings are `launcher.*` as a dict; their defaults are conf/launcher/<name>.yaml and nowhere
+else (`conf_defaults`). Time limits are always explicit: submitit's local default of 2 minutes
 never applies. Local and SLURM jobs run a snapshot of the code taken at submit
 (launchers/snapshot.py).
+
+Torch-free at import: the login node submits.
 """
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +23,21 @@ from typing import Any
 from bln_sweeps.config import ConfigError
 
 LAUNCHERS = ("local", "slurm", "debug")
+POLL_S = 0.5  # how often a full local queue checks for a free slot
+
+
+def conf_defaults(name: str) -> dict[str, Any]:
+    """conf/launcher/<name>.yaml on its schema (LauncherConfig): the one list of launcher
+    defaults, for callers that do not compose a sweep (the Hydra plugin, and the launcher.slurm
+    values a caller leaves out)."""
+    from omegaconf import OmegaConf
+
+    from bln_sweeps.config import CONF_DIR, LauncherConfig
+
+    values = OmegaConf.load(CONF_DIR / "launcher" / f"{name}.yaml")
+    values.pop("defaults", None)  # [base, _self_]: `base` is LauncherConfig, merged here
+    merged = OmegaConf.merge(OmegaConf.structured(LauncherConfig), values)
+    return OmegaConf.to_container(merged, throw_on_missing=True)
 
 
 def visible_gpus() -> list[int]:
@@ -68,57 +90,173 @@ def ranks_per_worker(launcher: dict[str, Any]) -> int:
     return ranks
 
 
-def check_launcher(launcher: dict[str, Any], sweep_dir: Path | None = None) -> None:
-    if launcher["name"] not in LAUNCHERS:
-        raise ConfigError("launcher", launcher["name"], f"valid choices: {', '.join(LAUNCHERS)}")
-    ranks_per_worker(launcher)
-    if launcher["name"] == "local":
-        gpu_assignment(launcher["workers"], launcher["gpus_per_worker"], visible_gpus())
-    if launcher["name"] == "slurm":
-        from launchers import slurm
+class Launcher:
+    """Where jobs run. `submit` -> `follow` -> (`cancel`); a backend overrides the hooks.
 
-        slurm.check(launcher, sweep_dir)
+    `settings` is launcher.* as a dict; `sweep_dir` holds the code snapshot (and, for the sweep,
+    the job folders); `folder` is submitit's job folder (with `%j`); `job_name` names SLURM jobs
+    bln-<job_name>; `keep_running` lets jobs outlive this driver (sweep workers) instead of being
+    cancelled with their handles (Hydra grid jobs)."""
+
+    frozen_code = True  # jobs run the code snapshot, not the live checkout
+
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        sweep_dir: Path,
+        folder: Path | None = None,
+        job_name: str | None = None,
+        keep_running: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.sweep_dir = Path(sweep_dir)
+        self.folder = Path(folder) if folder is not None else self.sweep_dir / "jobs" / "%j"
+        self.job_name = job_name or self.sweep_dir.name
+        self.keep_running = keep_running
+
+    # ---- hooks ---------------------------------------------------------------------------------
+
+    def check(self, sweep_dir: Path | None = None) -> None:
+        """Reject bad settings before anything is created (raise ConfigError)."""
+        ranks_per_worker(self.settings)
+
+    def slots(self) -> list[list[int]]:
+        """GPU assignment: the GPU set of each job that may run at once."""
+        return [[] for _ in range(self.settings["workers"])]
+
+    def executor(self, gpus: list[int], env: dict[str, str]) -> Any:
+        """A submitit executor, its parameters set, for a job on `gpus` with `env`."""
+        raise NotImplementedError
+
+    def job_env(self, env: dict[str, str]) -> dict[str, str]:
+        """The environment of every job (`env`: the code snapshot's)."""
+        return env
+
+    # ---- the interface -------------------------------------------------------------------------
+
+    def submit(self, fn: Callable, args: list[tuple]) -> list:
+        """One job per argument tuple, at most len(slots()) running at once (a full queue waits
+        here for a free slot); returns submitit jobs in the order of `args`."""
+        env = self.job_env(self.snapshot_env())
+        slots = self.slots()
+        jobs: list[Any] = [None] * len(args)
+        running: dict[int, Any] = {}  # slot -> job
+        pending = list(range(len(args)))
+        while pending:
+            for slot in [s for s, j in running.items() if j.done()]:
+                del running[slot]
+            for slot in [s for s in range(len(slots)) if s not in running][: len(pending)]:
+                i = pending.pop(0)
+                executor = self.executor(slots[slot], env)
+                # jobs inherit this process's environment, file descriptors and signal dispositions
+                with environment(env), detached():
+                    jobs[i] = running[slot] = executor.submit(fn, *args[i])
+                self.adopt(jobs[i])
+            if pending:
+                time.sleep(POLL_S)
+        return jobs
+
+    def follow(self, jobs: list) -> Iterator[Any]:
+        """Each job, in submission order, once it has ended."""
+        for job in jobs:
+            job.wait()
+            yield job
+
+    def cancel(self, jobs: list) -> None:
+        """Stop the jobs still queued or running."""
+        for job in jobs:
+            if job is not None and not job.done():
+                job.cancel(check=False)
+
+    # ---- shared steps --------------------------------------------------------------------------
+
+    def snapshot_env(self) -> dict[str, str]:
+        from launchers import snapshot
+
+        if not self.frozen_code:
+            return {}
+        return snapshot.job_env(snapshot.take(self.sweep_dir))  # queued jobs never see edits
+
+    def adopt(self, job: Any) -> None:
+        if self.keep_running:
+            job._cancel_at_deletion = False  # workers outlive a detached or killed driver
+
+
+class LocalLauncher(Launcher):
+    """Processes on this machine through submitit's LocalExecutor, each on its own GPUs."""
+
+    def check(self, sweep_dir: Path | None = None) -> None:
+        super().check(sweep_dir)
+        for key in ("workers", "timeout_min", "gpus_per_worker", "cpus_per_worker"):
+            value, least = self.settings[key], 0 if key == "gpus_per_worker" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"launcher.{key}", value, f"a whole number >= {least}")
+        self.slots()
+
+    def slots(self) -> list[list[int]]:
+        s = self.settings
+        return gpu_assignment(s["workers"], s["gpus_per_worker"], visible_gpus())
+
+    def job_env(self, env: dict[str, str]) -> dict[str, str]:
+        # N jobs on one machine: each gets its share of the cores, or torch's default (every
+        # core per process) oversubscribes them and every job slows down.
+        threads = str(self.settings["cpus_per_worker"])
+        return {**env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+    def executor(self, gpus: list[int], env: dict[str, str]) -> Any:
+        import submitit  # `env` reaches the job through this process's environment (submit)
+
+        executor = submitit.LocalExecutor(folder=self.folder)
+        executor.update_parameters(
+            timeout_min=self.settings["timeout_min"],
+            gpus_per_node=len(gpus),
+            visible_gpus=gpus,
+            tasks_per_node=ranks_per_worker(self.settings),  # the ranks of each trial
+        )
+        return executor
+
+
+class DebugLauncher(Launcher):
+    """Every job in this process, one after another, on the live code: breakpoints work."""
+
+    frozen_code = False
+
+    def submit(self, fn: Callable, args: list[tuple]) -> list:
+        for a in args:
+            fn(*a)
+        return []  # nothing left to follow or cancel
+
+
+def launcher_for(settings: dict[str, Any], sweep_dir: Path, **kwargs: Any) -> Launcher:
+    """The backend named by `settings["name"]` (launcher=local|slurm|debug)."""
+    name = settings["name"]
+    if name not in LAUNCHERS:
+        raise ConfigError("launcher", name, f"valid choices: {', '.join(LAUNCHERS)}")
+    if name == "slurm":
+        from launchers.slurm import SlurmLauncher  # submitit's SLURM side only when asked for
+
+        return SlurmLauncher(settings, sweep_dir, **kwargs)
+    return {"local": LocalLauncher, "debug": DebugLauncher}[name](settings, sweep_dir, **kwargs)
+
+
+def check_launcher(launcher: dict[str, Any], sweep_dir: Path | None = None) -> None:
+    """bln-sweep's launcher settings, checked before the sweep is created."""
+    launcher_for(launcher, sweep_dir or Path(".")).check(sweep_dir)
 
 
 def submit_workers(sweep_dir: Path, launcher: dict[str, Any], first_id: int = 0) -> list:
-    """Submit `launcher.workers` worker jobs; returns submitit jobs. `debug` runs the workers
-    one after another in this process (breakpoints work) and returns no jobs."""
-    import submitit
-
+    """Submit `launcher.workers` sweep workers (`bln_sweeps.search.worker_main`, pickled by
+    reference); returns submitit jobs (none for `debug`, whose workers have run by then)."""
     from bln_sweeps.search import worker_main
-    from launchers import snapshot
 
-    name, n = launcher["name"], launcher["workers"]
-    folder = sweep_dir / "jobs" / "%j"
-    if name == "debug":  # in this process, on the live code: for breakpoints
-        for i in range(n):
-            worker_main(str(sweep_dir), first_id + i)
-        return []
-    env = snapshot.job_env(snapshot.take(sweep_dir))  # queued jobs never see later edits
-    if name == "slurm":
-        from launchers import slurm
+    backend = launcher_for(launcher, sweep_dir, keep_running=True)
+    fn: Callable = worker_main
+    if launcher["name"] == "slurm":  # checkpoint and requeue at a time limit or preemption
+        from launchers.requeue import WorkerJob
 
-        return slurm.submit(sweep_dir, launcher, first_id, env=env)
-    gpus = gpu_assignment(n, launcher["gpus_per_worker"], visible_gpus())
-    # N workers on one machine: each gets its share of the cores, or torch's default (every
-    # core per process) oversubscribes them and every worker slows down.
-    threads = str(launcher["cpus_per_worker"])
-    env = {**env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    jobs = []
-    # local jobs inherit this process's environment, file descriptors and signal dispositions
-    with environment(env), detached():
-        for i, worker_gpus in enumerate(gpus):
-            ex = submitit.LocalExecutor(folder=folder)
-            ex.update_parameters(
-                timeout_min=launcher["timeout_min"],
-                gpus_per_node=len(worker_gpus),
-                visible_gpus=worker_gpus,
-                tasks_per_node=ranks_per_worker(launcher),  # the ranks of each trial
-            )
-            job = ex.submit(worker_main, str(sweep_dir), first_id + i)
-            job._cancel_at_deletion = False  # workers outlive a detached or killed driver
-            jobs.append(job)
-    return jobs
+        fn = WorkerJob()
+    ids = range(first_id, first_id + launcher["workers"])
+    return backend.submit(fn, [(str(backend.sweep_dir), i) for i in ids])
 
 
 @contextmanager

@@ -1,13 +1,14 @@
-"""Hydra launchers that send each job of a `bln-train -m` grid through submitit.
+"""Hydra launchers that send each job of a `bln-train -m` grid through the sweep launchers.
 
     bln-train -m hydra/launcher=bln_local norm=layernorm,bln batch=b4,b32
     bln-train -m hydra/launcher=bln_slurm hydra.launcher.workers=8 \\
         hydra.launcher.slurm.partition=gpu norm=layernorm,bln batch=b4,b32
 
-`bln_local`: one process per job on this machine, at most `workers` at once, each pinned with
-CUDA_VISIBLE_DEVICES to its own `gpus_per_worker` GPUs when GPUs are visible
-(launchers.submit.gpu_assignment). `bln_slurm`: the whole grid as ONE job array, `workers` array
-tasks at once, parameters checked by launchers.slurm (the same one-line errors as
+A thin layer over launchers.submit: the settings are those of `bln-sweep launcher=local|slurm`,
+their defaults conf/launcher/local.yaml and slurm.yaml, and the same backend code checks and
+submits them. `bln_local`: one process per job on this machine, at most `workers` at once, each
+pinned with CUDA_VISIBLE_DEVICES to its own `gpus_per_worker` GPUs. `bln_slurm`: the whole grid
+as ONE job array, `workers` array tasks at once (the same one-line errors as
 `bln-sweep launcher=slurm`). Time limits are always explicit. Every job's config is composed in
 the driver, jobs run a snapshot of the code taken at submit (launchers/snapshot.py), and each
 runs Hydra's `run_job` for its overrides in its own process and returns the JobReturn; the driver
@@ -17,11 +18,10 @@ Torch-free at import: Hydra imports every plugin at start-up.
 """
 
 import copy
+import dataclasses
 import logging
 import re
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,39 +33,37 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
-POLL_S = 0.5
 LOG_LINE = re.compile(r"^(submitit \w+ \(|\[\d{4}-\d\d-\d\d )")  # submitit / Hydra logs
+FOLDER = "${hydra.sweep.dir}/.submitit/%j"  # job logs: <hydra.sweep.dir>/.submitit/<job id>/
+# the launcher.* fields a grid uses (name is the plugin's; assumed_tflops is for sweep plans)
+SETTINGS = ("workers", "timeout_min", "gpus_per_worker", "ranks_per_worker", "cpus_per_worker")
 
 
-def slurm_defaults() -> dict[str, Any]:
-    from launchers import slurm
+def conf_dataclass(backend: str, target: str, fields: tuple[str, ...]) -> type:
+    """The schema of `hydra/launcher=bln_<backend>`: LauncherConfig's types for `fields`, their
+    defaults the values of conf/launcher/<backend>.yaml (the one list of launcher defaults), so
+    a misspelled or mistyped setting fails when bln-train composes the grid."""
+    from bln_sweeps.config import LauncherConfig
+    from launchers.submit import conf_defaults
 
-    return {**dict.fromkeys(slurm.valid_names()), **slurm.DEFAULTS}
-
-
-@dataclass
-class BlnLocalConf:
-    _target_: str = "hydra_plugins.bln_launcher.bln_launcher.BlnLocalLauncher"
-    workers: int | None = None  # jobs at once; null: one per GPU set, or 1 without GPUs
-    timeout_min: int = 600  # per job (submitit's local default of 2 min never applies)
-    gpus_per_worker: int | None = None  # null: 1 when GPUs are visible, else 0
-    cpus_per_worker: int = 1  # OMP/MKL threads of each job
-    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
-
-
-@dataclass
-class BlnSlurmConf:
-    _target_: str = "hydra_plugins.bln_launcher.bln_launcher.BlnSlurmLauncher"
-    workers: int = 4  # array tasks running at once (--array=...%workers)
-    timeout_min: int = 240  # --time of each job (minutes)
-    gpus_per_worker: int = 1  # --gpus-per-node; 0 on a CPU partition
-    cpus_per_worker: int = 8  # --cpus-per-task
-    # every other SlurmExecutor parameter under submitit's name, as in conf/launcher/slurm.yaml
-    # (listed, so that a misspelled name fails when bln-train composes the grid)
-    slurm: dict[str, Any] = field(default_factory=lambda: slurm_defaults())
-    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
+    values = conf_defaults(backend)
+    spec: list[tuple[str, Any, Any]] = [("_target_", str, f"{__name__}.{target}")]
+    for f in dataclasses.fields(LauncherConfig):
+        if f.name in fields:  # a factory: a mapping default must not be shared
+            value = values[f.name]
+            spec.append(
+                (
+                    f.name,
+                    f.type,
+                    dataclasses.field(default_factory=lambda v=value: copy.deepcopy(v)),
+                )
+            )
+    spec.append(("submitit_folder", str, FOLDER))
+    return dataclasses.make_dataclass(f"Bln{backend.title()}Conf", spec)
 
 
+BlnLocalConf = conf_dataclass("local", "BlnLocalLauncher", SETTINGS)
+BlnSlurmConf = conf_dataclass("slurm", "BlnSlurmLauncher", (*SETTINGS, "slurm"))
 ConfigStore.instance().store(group="hydra/launcher", name="bln_local", node=BlnLocalConf)
 ConfigStore.instance().store(group="hydra/launcher", name="bln_slurm", node=BlnSlurmConf)
 
@@ -142,6 +140,10 @@ class BlnJob:
 
 
 class BlnLauncher(Launcher):
+    """A Hydra launcher over the sweep launchers (launchers.submit); `backend` names which."""
+
+    backend = ""
+
     def __init__(self, **params: Any) -> None:
         self.params = {
             k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
@@ -151,42 +153,51 @@ class BlnLauncher(Launcher):
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
 
+    def launcher(self) -> Any:
+        """The sweep launcher with these settings: job logs in `submitit_folder`, the code
+        snapshot in hydra.sweep.dir, SLURM jobs named bln-train."""
+        from launchers.submit import launcher_for
+
+        assert self.config is not None
+        settings = {k: v for k, v in self.params.items() if k in SETTINGS or k == "slurm"}
+        return launcher_for(
+            {"name": self.backend, **settings},
+            Path(str(self.config.hydra.sweep.dir)),
+            folder=Path(str(self.params["submitit_folder"])),
+            job_name="train",
+        )
+
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         from bln_sweeps.config import ConfigError
 
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
-        try:
-            self.check()
+        try:  # bad launcher settings fail before anything is created
+            self.launcher().check(Path(str(config.hydra.sweep.dir)).resolve())
         except ConfigError as e:
             fail(e)
 
-    def check(self) -> None:
-        """Reject bad launcher settings before anything is created (raise ConfigError)."""
-
     def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:
-        from launchers import snapshot
-
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        folder = Path(str(self.params["submitit_folder"]))
         args = []
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             args.append((cfg, idx, Singleton.get_state()))
-        env = snapshot.job_env(snapshot.take(sweep_dir))  # queued jobs never see later edits
-        task = BlnJob(self.hydra_context, self.task_function)
-        jobs = self.submit(task, args, folder, env)
-        log.info(f"{type(self).__name__}: {len(jobs)} jobs, logs in {folder.parent}")
-        return [self.result(idx, job) for (_, idx, _), job in zip(args, jobs, strict=True)]
-
-    def submit(self, task: BlnJob, args: list, folder: Path, env: dict[str, str]) -> list:
-        raise NotImplementedError
+        backend = self.launcher()
+        jobs = backend.submit(BlnJob(self.hydra_context, self.task_function), args)
+        log.info(f"{type(self).__name__}: {len(jobs)} jobs, logs in {backend.folder.parent}")
+        try:
+            done = zip(args, backend.follow(jobs), strict=True)
+            return [self.result(idx, job) for (_, idx, _), job in done]
+        except BaseException:  # a failed job (or Ctrl-C) ends the grid: stop the others
+            backend.cancel(jobs)
+            raise
 
     @staticmethod
     def result(idx: int, job: Any) -> JobReturn:
@@ -199,86 +210,12 @@ class BlnLauncher(Launcher):
 
 
 class BlnLocalLauncher(BlnLauncher):
-    def slots(self) -> list[list[int]]:
-        from bln_sweeps.config import ConfigError
-        from launchers.submit import gpu_assignment, visible_gpus
+    """One process per job on this machine, at most `workers` at once."""
 
-        p = self.params
-        gpus = visible_gpus()
-        per = p["gpus_per_worker"]
-        per = (1 if gpus else 0) if per is None else per
-        workers = p["workers"]
-        if workers is None:
-            workers = max(1, len(gpus) // per) if per else 1
-        for key, value, least in (
-            ("workers", workers, 1),
-            ("timeout_min", p["timeout_min"], 1),
-            ("gpus_per_worker", per, 0),
-            ("cpus_per_worker", p["cpus_per_worker"], 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"hydra.launcher.{key}", value, f"a whole number >= {least}")
-        return gpu_assignment(workers, per, gpus)
-
-    def check(self) -> None:
-        self.slots()
-
-    def submit(self, task: BlnJob, args: list, folder: Path, env: dict[str, str]) -> list:
-        import submitit
-
-        from launchers.submit import detached, environment
-
-        slots = self.slots()
-        threads = str(self.params["cpus_per_worker"])
-        env = {**env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        jobs: list[Any] = [None] * len(args)
-        running: dict[int, Any] = {}  # slot -> job; at most len(slots) jobs at once
-        pending = list(range(len(args)))
-        while pending or running:
-            for slot in [s for s, j in running.items() if j.done()]:
-                del running[slot]
-            for slot in [s for s in range(len(slots)) if s not in running]:
-                if not pending:
-                    break
-                i = pending.pop(0)
-                ex = submitit.LocalExecutor(folder=folder)
-                ex.update_parameters(
-                    timeout_min=self.params["timeout_min"],
-                    gpus_per_node=len(slots[slot]),
-                    visible_gpus=slots[slot],
-                )
-                # jobs inherit this process's environment and file descriptors
-                with environment(env), detached():
-                    jobs[i] = running[slot] = ex.submit(task, *args[i])
-            if running:
-                time.sleep(POLL_S)
-        return jobs
+    backend = "local"
 
 
 class BlnSlurmLauncher(BlnLauncher):
-    def launcher_dict(self) -> dict[str, Any]:
-        return {"name": "slurm", **{k: v for k, v in self.params.items() if k != "_target_"}}
+    """The grid as ONE SLURM job array."""
 
-    def check(self) -> None:
-        from launchers import slurm
-
-        assert self.config is not None
-        slurm.settings(self.launcher_dict())  # typos first: no cluster needed to report them
-        slurm.check(self.launcher_dict(), Path(str(self.config.hydra.sweep.dir)).resolve())
-
-    def submit(self, task: BlnJob, args: list, folder: Path, env: dict[str, str]) -> list:
-        import shlex
-
-        import submitit
-
-        from launchers import slurm
-
-        assert self.config is not None
-        params, ctor = slurm.settings(self.launcher_dict(), "train")  # job name bln-train
-        exports = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-        params["setup"] = exports + list(params.get("setup") or [])
-        ex = submitit.AutoExecutor(
-            folder=folder.resolve(), cluster="slurm", **{f"slurm_{k}": v for k, v in ctor.items()}
-        )
-        ex.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
-        return ex.map_array(task, *zip(*args, strict=True))
+    backend = "slurm"
