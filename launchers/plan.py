@@ -18,7 +18,7 @@ from bln_sweeps.config import (
     to_run_config,
     validate,
 )
-from bln_sweeps.search import parse_space
+from bln_sweeps.sweep.space import parse_space
 
 
 @dataclass
@@ -116,7 +116,7 @@ def make_plan(overrides: list[str]) -> Plan:
     ):
         if value is not None and not value > 0:
             raise ConfigError(key, value, "a positive number, or null for none")
-    from bln_sweeps.search import make_pruner, make_sampler
+    from bln_sweeps.sweep.space import make_pruner, make_sampler
 
     make_sampler(asdict(s)), make_pruner(asdict(s))  # unknown names fail here, not in a worker
     if not s.metric.startswith("val/loss"):
@@ -151,4 +151,45 @@ def make_plan(overrides: list[str]) -> Plan:
         base_seed=cfg.seed,
         axes=axes,
         cell_configs=configs,
+    )
+
+
+def print_plan(plan: Plan) -> None:
+    s = plan.search
+    print(f"sweep {plan.sweep!r} in {plan.sweep_dir}")
+    print(f"grid axes: {' '.join(plan.axes) or '(none)'}")
+    print(
+        f"{len(plan.cells)} cells x ({s['n_trials']} trials + {s['confirm_seeds']} confirm seeds)"
+        f" = {plan.trial_budget} runs; sampler {s['sampler']}, pruner {s['pruner']}"
+    )
+    print(search_design(plan))
+    spaces = {
+        cell["name"]: ", ".join(f"{k}={v}" for k, v in cell["space"].items())
+        or "(nothing searched)"
+        for cell in plan.cells
+    }
+    if len(plan.cells) > 1 and len(set(spaces.values())) == 1:  # one line, not one per cell
+        print(f"  every cell: {next(iter(spaces.values()))}")
+    else:
+        for name, space in spaces.items():
+            print(f"  {name}: {space}")
+    n = plan.launcher["workers"]
+    print(
+        f"{n} worker job(s) on launcher {plan.launcher['name']!r}"
+        f" (timeout {plan.launcher['timeout_min']} min each)"
+    )
+
+
+def search_design(plan: Plan) -> str:
+    """The seeds and the start-up budget, stated: what makes the cells comparable."""
+    from bln_sweeps.sweep.design import confirm_seed, search_seed, startup_trials
+
+    s, base = plan.search, plan.base_seed
+    k = s["confirm_seeds"]
+    confirm = f"seeds {confirm_seed(base, 0)}..{confirm_seed(base, k - 1)}" if k else "none"
+    modelled = s["sampler"] in ("tpe", "gp")
+    startup = f", {startup_trials(s)} random start-up trials" if modelled else ""
+    return (
+        f"search trials train with seed {search_seed(base)}, confirm runs with {confirm};"
+        f" one sampler stream per cell (search.seed={s['seed']}){startup}"
     )

@@ -1,7 +1,7 @@
 """Worker jobs through submitit: local processes (one GPU each), in-process for debugging, or
 one SLURM job array (launchers/slurm.py).
 
-Every job runs `bln_sweeps.search.worker_main(sweep_dir, worker_id)`, a module-level function
+Every job runs `bln_sweeps.sweep.worker.worker_main(sweep_dir, worker_id)`, a module-level function
 (pickled by reference). Time limits are always explicit: submitit's local default of 2 minutes
 never applies. Local and SLURM jobs run a snapshot of the code taken at submit
 (launchers/snapshot.py).
@@ -85,7 +85,7 @@ def submit_workers(sweep_dir: Path, launcher: dict[str, Any], first_id: int = 0)
     one after another in this process (breakpoints work) and returns no jobs."""
     import submitit
 
-    from bln_sweeps.search import worker_main
+    from bln_sweeps.sweep.worker import worker_main
     from launchers import snapshot
 
     name, n = launcher["name"], launcher["workers"]
