@@ -85,17 +85,9 @@ def check_limits(cfg: SweepConfig) -> None:
         )
 
 
-def make_plan(overrides: list[str]) -> Plan:
-    axes = [o for o in overrides if is_axis(o)]
-    base = [o for o in overrides if o not in axes]
-    cfg = sweep_config(base)
-    if not axes:  # the default grid, less the keys the command line pins to one value
-        pinned = {o.split("=", 1)[0].lstrip("+~") for o in base}
-        axes = [f"{k}={v}" for k, v in cfg.sweep.grid.items() if k not in pinned]
-    axis_keys = [a.split("=", 1)[0].lstrip("+") for a in axes]
-    for key in axis_keys:
-        if key in ("seed",):
-            raise ConfigError(key, "grid", "seeds come from search.confirm_seeds, not a grid axis")
+def check_settings(cfg: SweepConfig) -> None:
+    """Search and launcher settings, checked before any cell is composed: budgets, worker
+    counts, sampler and pruner names, the search metric."""
     s = cfg.search
     if s.n_trials < 1:
         raise ConfigError("search.n_trials", s.n_trials, "must be >= 1")
@@ -124,6 +116,20 @@ def make_plan(overrides: list[str]) -> Plan:
             "search.metric", s.metric, "a validation loss: val/loss or val/loss@<mode>"
         )
 
+
+def make_plan(overrides: list[str]) -> Plan:
+    axes = [o for o in overrides if is_axis(o)]
+    base = [o for o in overrides if o not in axes]
+    cfg = sweep_config(base)
+    if not axes:  # the default grid, less the keys the command line pins to one value
+        pinned = {o.split("=", 1)[0].lstrip("+~") for o in base}
+        axes = [f"{k}={v}" for k, v in cfg.sweep.grid.items() if k not in pinned]
+    axis_keys = [a.split("=", 1)[0].lstrip("+") for a in axes]
+    for key in axis_keys:
+        if key in ("seed",):
+            raise ConfigError(key, "grid", "seeds come from search.confirm_seeds, not a grid axis")
+    check_settings(cfg)
+    s = cfg.search
     cells, configs = [], []
     points = list(dict.fromkeys(tuple(p) for p in expand_grid(axes)))  # `a,a` is one cell
     for point in map(list, points):

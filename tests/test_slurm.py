@@ -470,7 +470,7 @@ def test_interrupted_worker_is_requeued_and_resumes_the_same_trial(
     and ends with exactly the validation loss of an uninterrupted run."""
     from bln_sweeps.config import compose, to_run_config, validate
     from bln_sweeps.sweep.manifest import load_manifest
-    from bln_sweeps.sweep.worker import trial_overrides
+    from bln_sweeps.sweep.trial_config import trial_overrides
     from bln_sweeps.train import run
     from launchers.queue import live_jobs, reattach
     from tests.test_sweep import FAST, bln_sweep, sweep_facts

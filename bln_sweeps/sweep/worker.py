@@ -17,27 +17,9 @@ from bln_sweeps.sweep import optuna_internals
 from bln_sweeps.sweep.budget import budget_state, counted, end_budget, search_budget
 from bln_sweeps.sweep.manifest import WORKER_KEYS, Manifest, load_manifest
 from bln_sweeps.sweep.retries import Heartbeat, reap_dead_trials, retry_after_infrastructure_error
-from bln_sweeps.sweep.space import (
-    make_pruner,
-    make_sampler,
-    open_storage,
-    override_value,
-    study_names,
-)
+from bln_sweeps.sweep.space import make_pruner, make_sampler, open_storage, study_names
 from bln_sweeps.sweep.stop import stop_requested
-
-
-def trial_overrides(manifest, cell, params: Mapping[str, Any], seed: int) -> list[str]:
-    """The composed config of one trial: cell grid point + sampled params + seed + tracking.
-    `manifest` and `cell` are read by key: a Manifest or the plain JSON of one."""
-    return [
-        *manifest["base_overrides"],
-        *cell["overrides"],
-        *(f"{k}={override_value(v)}" for k, v in params.items()),
-        f"seed={seed}",
-        f"tracking.uri={override_value(manifest['tracking_uri'])}",
-        f"tracking.experiment={override_value(manifest['sweep'])}",
-    ]
+from bln_sweeps.sweep.trial_config import TrialConfigs
 
 
 @dataclass
@@ -67,7 +49,7 @@ class Worker:
         self.storage = open_storage(self.manifest.storage_url, self.sweep_dir)
         self.search = self.manifest.search
         self._studies: dict[str, Any] = {}
-        self._composed: dict[tuple[str, int], Any] = {}  # (cell, seed) -> composed tree
+        self._configs = TrialConfigs(self.manifest)
 
     def study(self, name: str, confirm: bool = False):
         import optuna
@@ -107,36 +89,8 @@ class Worker:
         return bool(widened) and self.search.get("expand_trials", 0) > 0
 
     def trial_config(self, cell, params: Mapping[str, Any], seed: int):
-        """The validated RunConfig of one trial: what composing `trial_overrides(...)` gives.
-
-        Hydra composes a cell once per seed (a compose costs a good part of a second) and the
-        sampled values are set on a copy, as their overrides would set them. A searched key
-        that is not a plain value of the composed tree (a config group such as `batch`) takes
-        the full compose."""
-        import copy
-
-        from omegaconf import OmegaConf
-
-        from bln_sweeps.config import ALL_GROUPS, compose, to_run_config, validate
-
-        def leaf(tree, key: str) -> bool:
-            value = OmegaConf.select(tree, key, default=KeyError)
-            return (
-                key not in ALL_GROUPS and value is not KeyError and not OmegaConf.is_config(value)
-            )
-
-        key = (cell["name"], seed)
-        if key not in self._composed:
-            overrides = trial_overrides(self.manifest, cell, {}, seed)
-            self._composed[key] = compose(overrides, "sweep")
-        base = self._composed[key]
-        if all(leaf(base, k) for k in params):
-            tree = copy.deepcopy(base)
-            for k, v in params.items():
-                OmegaConf.update(tree, k, v, merge=False)
-        else:
-            tree = compose(trial_overrides(self.manifest, cell, params, seed), "sweep")
-        return validate(to_run_config(tree))
+        """The validated RunConfig of one trial (bln_sweeps.sweep.trial_config)."""
+        return self._configs.config(cell, params, seed)
 
     # ---- which trial next -------------------------------------------------------------------
 
