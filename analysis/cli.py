@@ -222,7 +222,7 @@ def _store(args) -> tuple[str, Path | None]:
             raise AnalysisError(f"--tracking-uri: {e}") from None
     if sweep_dir is not None:
         from analysis.contract import AnalysisError
-        from bln_sweeps.search import load_manifest  # with the real URL (the file is masked)
+        from bln_sweeps.sweep.manifest import load_manifest  # real URL (the file is masked)
 
         try:
             return load_manifest(sweep_dir)["tracking_uri"], sweep_dir

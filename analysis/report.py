@@ -129,7 +129,8 @@ def facts(table: pd.DataFrame, runs: pd.DataFrame, manifest: dict | None, ended:
 def search_diagnostics(manifest: dict, sweep_dir: Path) -> list[dict]:
     import optuna
 
-    from bln_sweeps.search import budget_ended, open_storage, parse_space, study_names
+    from bln_sweeps.sweep.budget import budget_ended
+    from bln_sweeps.sweep.space import open_storage, parse_space, study_names
 
     storage = open_storage(manifest["storage_url"], sweep_dir)
     out = []

@@ -113,7 +113,7 @@ def provenance(i: int) -> dict:
         "n_devices": "1",
         "mlflow.user": "researcher",
         "mlflow.source.type": "LOCAL",
-        "mlflow.source.name": "bln_sweeps/search.py",
+        "mlflow.source.name": "bln_sweeps/sweep/worker.py",
     }
 
 

@@ -70,7 +70,8 @@ def sweep(
     logged test/loss as the user attribute `test_loss`, when it has one)."""
     import optuna
 
-    from bln_sweeps.search import load_manifest, open_storage, study_names
+    from bln_sweeps.sweep.manifest import load_manifest
+    from bln_sweeps.sweep.space import open_storage, study_names
 
     cmd = [
         sys.executable,

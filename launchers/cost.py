@@ -305,3 +305,16 @@ def save_calibration(sweeps_dir: Path, results: dict[str, dict]) -> Path:
     tmp.write_text(json.dumps(merged, indent=2))
     tmp.replace(path)
     return path
+
+
+def print_cost(plan, per_cell: bool, uri: str | None = None) -> None:
+    """The compute estimate; --dry-run shows it per cell."""
+    from launchers.prepare import tracking_uri
+
+    if uri is None:
+        try:
+            uri = tracking_uri(plan)
+        except ValueError:
+            uri = None  # a bad tracking.uri fails later, where the run needs it
+    est = estimate(plan, plan.cell_configs, plan.sweeps_dir, uri)
+    print("\n".join(render(est, per_cell)))

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from bln_sweeps.search import counted, load_manifest, open_storage, study_names
+from bln_sweeps.sweep.budget import counted
+from bln_sweeps.sweep.manifest import VIEW_KEYS, load_manifest
+from bln_sweeps.sweep.space import open_storage, study_names
 
 RECENT = 6  # events kept on the terminal display
 
@@ -67,21 +69,21 @@ def status_word(t) -> str | None:
 def poll(sweep_dir: Path) -> Snapshot:
     import optuna
 
-    from bln_sweeps.search import budget_ended, budget_state, compute_hours, search_budget
+    from bln_sweeps.sweep.budget import budget_ended, budget_state, compute_hours, search_budget
     from launchers.progress import cell_rows
 
-    m = load_manifest(sweep_dir)
-    storage = open_storage(m["storage_url"], sweep_dir)
-    seeds = m["search"]["confirm_seeds"]
+    m = load_manifest(sweep_dir, require=VIEW_KEYS)
+    storage = open_storage(m.storage_url, sweep_dir)
+    seeds = m.search["confirm_seeds"]
     snap = Snapshot(rows=cell_rows(sweep_dir), states={}, trials={})
-    snap.unit = "GPU-hours" if m["launcher"].get("gpus_per_worker", 0) else "CPU-hours"
+    snap.unit = "GPU-hours" if m.launcher.get("gpus_per_worker", 0) else "CPU-hours"
     studies = []
-    for cell in m["cells"]:
-        search_name, confirm_name = study_names(m["sweep"], cell["name"])
+    for cell in m.cells:
+        search_name, confirm_name = study_names(m.sweep, cell.name)
         search = optuna.load_study(study_name=search_name, storage=storage)
         confirm = optuna.load_study(study_name=confirm_name, storage=storage)
         studies += [search, confirm]
-        n_trials = search_budget(search, m["search"])  # more once search.expand_edges widened
+        n_trials = search_budget(search, m.search)  # more once search.expand_edges widened
         s, c = budget_state(search, n_trials), budget_state(confirm, seeds)
         snap.done += s["done"] + c["done"]
         snap.running += s["running"] + c["running"]
@@ -100,7 +102,7 @@ def poll(sweep_dir: Path) -> Snapshot:
                 word = status_word(t)
                 if word is None:
                     continue
-                key = (cell["name"], kind, t.number)
+                key = (cell.name, kind, t.number)
                 snap.states[key], snap.trials[key] = word, t
                 if t.datetime_start is not None and counted(t):
                     start = t.datetime_start.timestamp()
@@ -108,7 +110,7 @@ def poll(sweep_dir: Path) -> Snapshot:
                 if t.datetime_complete is not None and counted(t):
                     end = t.datetime_complete.timestamp()
                     snap.last = end if snap.last is None else max(snap.last, end)
-    snap.device_hours = compute_hours(studies, m["launcher"])
+    snap.device_hours = compute_hours(studies, m.launcher)
     snap.finished = all(r["finished"] for r in snap.rows)
     return snap
 
@@ -224,7 +226,7 @@ def watch(
     """Follow a sweep until every cell is finished (True) or every worker job stopped first
     (False). A KeyboardInterrupt propagates to the caller, which detaches."""
     stream = stream or sys.stdout
-    metric = load_manifest(sweep_dir)["search"]["metric"]
+    metric = load_manifest(sweep_dir, require=VIEW_KEYS).search["metric"]
     if stream.isatty():
         return _watch_terminal(sweep_dir, jobs, stream, poll_s, metric)
     return _watch_lines(sweep_dir, jobs, stream, poll_s, summary_s, metric)

@@ -18,7 +18,7 @@ from bln_sweeps.config import (
     to_run_config,
     validate,
 )
-from bln_sweeps.search import parse_space
+from bln_sweeps.sweep.space import parse_space
 
 
 @dataclass
@@ -85,17 +85,9 @@ def check_limits(cfg: SweepConfig) -> None:
         )
 
 
-def make_plan(overrides: list[str]) -> Plan:
-    axes = [o for o in overrides if is_axis(o)]
-    base = [o for o in overrides if o not in axes]
-    cfg = sweep_config(base)
-    if not axes:  # the default grid, less the keys the command line pins to one value
-        pinned = {o.split("=", 1)[0].lstrip("+~") for o in base}
-        axes = [f"{k}={v}" for k, v in cfg.sweep.grid.items() if k not in pinned]
-    axis_keys = [a.split("=", 1)[0].lstrip("+") for a in axes]
-    for key in axis_keys:
-        if key in ("seed",):
-            raise ConfigError(key, "grid", "seeds come from search.confirm_seeds, not a grid axis")
+def check_settings(cfg: SweepConfig) -> None:
+    """Search and launcher settings, checked before any cell is composed: budgets, worker
+    counts, sampler and pruner names, the search metric."""
     s = cfg.search
     if s.n_trials < 1:
         raise ConfigError("search.n_trials", s.n_trials, "must be >= 1")
@@ -116,7 +108,7 @@ def make_plan(overrides: list[str]) -> Plan:
     ):
         if value is not None and not value > 0:
             raise ConfigError(key, value, "a positive number, or null for none")
-    from bln_sweeps.search import make_pruner, make_sampler
+    from bln_sweeps.sweep.space import make_pruner, make_sampler
 
     make_sampler(asdict(s)), make_pruner(asdict(s))  # unknown names fail here, not in a worker
     if not s.metric.startswith("val/loss"):
@@ -124,6 +116,20 @@ def make_plan(overrides: list[str]) -> Plan:
             "search.metric", s.metric, "a validation loss: val/loss or val/loss@<mode>"
         )
 
+
+def make_plan(overrides: list[str]) -> Plan:
+    axes = [o for o in overrides if is_axis(o)]
+    base = [o for o in overrides if o not in axes]
+    cfg = sweep_config(base)
+    if not axes:  # the default grid, less the keys the command line pins to one value
+        pinned = {o.split("=", 1)[0].lstrip("+~") for o in base}
+        axes = [f"{k}={v}" for k, v in cfg.sweep.grid.items() if k not in pinned]
+    axis_keys = [a.split("=", 1)[0].lstrip("+") for a in axes]
+    for key in axis_keys:
+        if key in ("seed",):
+            raise ConfigError(key, "grid", "seeds come from search.confirm_seeds, not a grid axis")
+    check_settings(cfg)
+    s = cfg.search
     cells, configs = [], []
     points = list(dict.fromkeys(tuple(p) for p in expand_grid(axes)))  # `a,a` is one cell
     for point in map(list, points):
@@ -151,4 +157,45 @@ def make_plan(overrides: list[str]) -> Plan:
         base_seed=cfg.seed,
         axes=axes,
         cell_configs=configs,
+    )
+
+
+def print_plan(plan: Plan) -> None:
+    s = plan.search
+    print(f"sweep {plan.sweep!r} in {plan.sweep_dir}")
+    print(f"grid axes: {' '.join(plan.axes) or '(none)'}")
+    print(
+        f"{len(plan.cells)} cells x ({s['n_trials']} trials + {s['confirm_seeds']} confirm seeds)"
+        f" = {plan.trial_budget} runs; sampler {s['sampler']}, pruner {s['pruner']}"
+    )
+    print(search_design(plan))
+    spaces = {
+        cell["name"]: ", ".join(f"{k}={v}" for k, v in cell["space"].items())
+        or "(nothing searched)"
+        for cell in plan.cells
+    }
+    if len(plan.cells) > 1 and len(set(spaces.values())) == 1:  # one line, not one per cell
+        print(f"  every cell: {next(iter(spaces.values()))}")
+    else:
+        for name, space in spaces.items():
+            print(f"  {name}: {space}")
+    n = plan.launcher["workers"]
+    print(
+        f"{n} worker job(s) on launcher {plan.launcher['name']!r}"
+        f" (timeout {plan.launcher['timeout_min']} min each)"
+    )
+
+
+def search_design(plan: Plan) -> str:
+    """The seeds and the start-up budget, stated: what makes the cells comparable."""
+    from bln_sweeps.sweep.design import confirm_seed, search_seed, startup_trials
+
+    s, base = plan.search, plan.base_seed
+    k = s["confirm_seeds"]
+    confirm = f"seeds {confirm_seed(base, 0)}..{confirm_seed(base, k - 1)}" if k else "none"
+    modelled = s["sampler"] in ("tpe", "gp")
+    startup = f", {startup_trials(s)} random start-up trials" if modelled else ""
+    return (
+        f"search trials train with seed {search_seed(base)}, confirm runs with {confirm};"
+        f" one sampler stream per cell (search.seed={s['seed']}){startup}"
     )

@@ -17,7 +17,7 @@ import submitit
 
 
 class WorkerJob(submitit.helpers.Checkpointable):
-    """`bln_sweeps.search.worker_main` as a requeueable submitit job.
+    """`bln_sweeps.sweep.worker.worker_main` as a requeueable submitit job.
 
     submitit calls `checkpoint` and requeues on its preemption signal (SIGUSR2 in submitit
     1.5, `SUBMITIT_PREEMPT_SIGNAL`); the trainer only checkpoints on SIGTERM/SIGUSR1. The relay
@@ -31,7 +31,7 @@ class WorkerJob(submitit.helpers.Checkpointable):
         import time
 
         from bln_sweeps.checkpoint import Preempted, StopSignals
-        from bln_sweeps.search import worker_main
+        from bln_sweeps.sweep.worker import worker_main
 
         preempt = submitit.JobEnvironment._usr_sig()
         requeue = signal.getsignal(preempt)  # submitit's checkpoint-and-requeue handler

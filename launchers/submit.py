@@ -245,9 +245,9 @@ def check_launcher(launcher: dict[str, Any], sweep_dir: Path | None = None) -> N
 
 
 def submit_workers(sweep_dir: Path, launcher: dict[str, Any], first_id: int = 0) -> list:
-    """Submit `launcher.workers` sweep workers (`bln_sweeps.search.worker_main`, pickled by
+    """Submit `launcher.workers` sweep workers (`bln_sweeps.sweep.worker.worker_main`, pickled by
     reference); returns submitit jobs (none for `debug`, whose workers have run by then)."""
-    from bln_sweeps.search import worker_main
+    from bln_sweeps.sweep.worker import worker_main
 
     backend = launcher_for(launcher, sweep_dir, keep_running=True)
     fn: Callable = worker_main

@@ -106,7 +106,7 @@ def find_sweep(name: str | None) -> Path:
 
 def read_manifest(sweep_dir: Path) -> dict:
     """The sweep's manifest, real URLs included; a damaged one is bad input, not a traceback."""
-    from bln_sweeps.search import load_manifest
+    from bln_sweeps.sweep.manifest import load_manifest
 
     try:
         manifest = load_manifest(sweep_dir)

@@ -1,5 +1,5 @@
-"""The search design (bln_sweeps.design): the grammar carries over from Hydra's Optuna sweeper,
-start-up trials follow the budget, one sampler stream per cell, fresh confirm seeds, edges
+"""The search design (bln_sweeps.sweep.design): the grammar carries over from Hydra's Optuna
+sweeper, start-up trials follow the budget, one sampler stream per cell, fresh confirm seeds, edges
 flagged and widened, and held-out evaluation that is the same for every cell and never drifts."""
 
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bln_sweeps.config import ConfigError
-from bln_sweeps.design import (
+from bln_sweeps.sweep.design import (
     CellSampler,
     confirm_seed,
     edge_of,
@@ -23,7 +23,7 @@ from bln_sweeps.design import (
     startup_trials,
     widen,
 )
-from bln_sweeps.search import parse_distribution
+from bln_sweeps.sweep.space import parse_distribution
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -163,7 +163,8 @@ def test_widen_extends_three_fold_past_the_edge():
 
 def worker_for(tmp_path, space: dict, **search):
     """A Worker over a one-cell manifest (no training: the tests drive its study directly)."""
-    from bln_sweeps.search import Worker, study_names
+    from bln_sweeps.sweep.space import study_names
+    from bln_sweeps.sweep.worker import Worker
 
     manifest = {
         "sweep": "edge",
@@ -186,7 +187,7 @@ def test_expand_edges_widens_once_and_moves_the_best_inside(tmp_path):
     """The loss is best at lr 1.5e-3, beyond the searched range [1e-4, 1e-3]: the best trial sits
     at the high edge; expand_edges widens the range to [1e-4, 3e-3] in the same study, grants
     expand_trials more trials, and the best moves inside."""
-    from bln_sweeps.search import budget_state
+    from bln_sweeps.sweep.budget import budget_state
 
     worker, cell, study = worker_for(
         tmp_path,

@@ -23,7 +23,7 @@ def fake_sweep(tmp_path: Path, cells=("norm=layernorm", "norm=bln"), gpus: int =
     """A sweep directory with a manifest and empty studies in a journal file."""
     import optuna
 
-    from bln_sweeps.search import open_storage, study_names
+    from bln_sweeps.sweep.space import open_storage, study_names
 
     sweep_dir = tmp_path / "sweeps" / "s"
     sweep_dir.mkdir(parents=True)
@@ -45,7 +45,7 @@ def fake_sweep(tmp_path: Path, cells=("norm=layernorm", "norm=bln"), gpus: int =
 def study(sweep_dir: Path, name: str):
     import optuna
 
-    from bln_sweeps.search import open_storage
+    from bln_sweeps.sweep.space import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(None, sweep_dir))
 
@@ -122,7 +122,7 @@ def test_summary_counts_rate_time_left_and_device_hours(tmp_path):
 def test_compute_hours_is_run_wall_time_times_devices(tmp_path):
     from optuna.trial import TrialState
 
-    from bln_sweeps.search import compute_hours
+    from bln_sweeps.sweep.budget import compute_hours
 
     sweep_dir = fake_sweep(tmp_path, cells=("norm=layernorm",))
     s = study(sweep_dir, "s/norm=layernorm")
@@ -146,7 +146,8 @@ def test_stop_reaches_a_running_trainer_as_its_checkpoint_signal_and_never_kills
     import optuna
 
     from bln_sweeps.checkpoint import StopSignals
-    from bln_sweeps.search import STOP_FILE, Heartbeat
+    from bln_sweeps.sweep.retries import Heartbeat
+    from bln_sweeps.sweep.stop import STOP_FILE
 
     s = optuna.create_study()
     trial = s.ask()

@@ -364,7 +364,8 @@ def wait_for(what: str, predicate, timeout_s: float = 180.0, every_s: float = 0.
 def trials(sweep_dir: Path) -> list:
     import optuna
 
-    from bln_sweeps.search import load_manifest, open_storage
+    from bln_sweeps.sweep.manifest import load_manifest
+    from bln_sweeps.sweep.space import open_storage
 
     m = load_manifest(sweep_dir)
     storage = open_storage(m["storage_url"], sweep_dir)
@@ -468,9 +469,10 @@ def test_interrupted_worker_is_requeued_and_resumes_the_same_trial(
     resumes the same Optuna trial in the same MLflow run from a checkpoint, never from scratch,
     and ends with exactly the validation loss of an uninterrupted run."""
     from bln_sweeps.config import compose, to_run_config, validate
-    from bln_sweeps.search import load_manifest, trial_overrides
+    from bln_sweeps.sweep.manifest import load_manifest
+    from bln_sweeps.sweep.trial_config import trial_overrides
     from bln_sweeps.train import run
-    from launchers.manifest import live_jobs, reattach
+    from launchers.queue import live_jobs, reattach
     from tests.test_sweep import FAST, bln_sweep, sweep_facts
 
     sweep_dir = tmp_path / "sweeps" / how

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from bln_sweeps.config import ConfigError
-from bln_sweeps.design import confirm_seed
-from bln_sweeps.search import parse_distribution, parse_space
+from bln_sweeps.sweep.design import confirm_seed
+from bln_sweeps.sweep.space import parse_distribution, parse_space
 from launchers.plan import make_plan
 
 # A small, fast sweep on the tiny model: 3 norms x 2 batch sizes.
@@ -103,7 +103,7 @@ def test_searched_key_that_is_a_grid_axis_is_rejected():
 
 def test_unreachable_storage_is_rejected():
     with pytest.raises(ConfigError, match="storage.url"):
-        from launchers.cli import check_storage
+        from launchers.prepare import check_storage
 
         check_storage("postgresql://nobody@127.0.0.1:1/none")
 
@@ -140,7 +140,9 @@ def sweep_facts(sweep_dir: Path) -> dict:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from bln_sweeps.search import counted, load_manifest, open_storage, study_names
+    from bln_sweeps.sweep.budget import counted
+    from bln_sweeps.sweep.manifest import load_manifest
+    from bln_sweeps.sweep.space import open_storage, study_names
 
     m = load_manifest(sweep_dir)
     storage = open_storage(m["storage_url"], sweep_dir)
@@ -224,7 +226,7 @@ def test_pruning_stops_hopeless_trials(tmp_path):
         "search.n_trials=6",
         "search.confirm_seeds=0",
         "search.sampler=random",
-        # the cell's random stream is fixed by search.seed (bln_sweeps.design): seed 1 draws
+        # the cell's random stream is fixed by search.seed (bln_sweeps.sweep.design): seed 1 draws
         # 3e-3, 3e-3, then 1e-7, so the median pruner has two good curves to stop it against
         "search.seed=1",
         "search.pruner=median",
@@ -262,7 +264,8 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint(tmp_path):
     p = bln_sweep(*args, "--detach", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     sweep_dir = tmp_path / "sweeps" / "kill"
-    from bln_sweeps.search import load_manifest, open_storage
+    from bln_sweeps.sweep.manifest import load_manifest
+    from bln_sweeps.sweep.space import open_storage
 
     m = load_manifest(sweep_dir)
     storage = open_storage(m["storage_url"], sweep_dir)
@@ -373,7 +376,8 @@ def test_trial_config_equals_composing_the_trial_overrides(tmp_path, params):
     """Workers compose a cell once and set sampled values on a copy: the result must be exactly
     what Hydra composes from the trial's overrides."""
     from bln_sweeps.config import compose, to_run_config, validate
-    from bln_sweeps.search import Worker, trial_overrides
+    from bln_sweeps.sweep.trial_config import trial_overrides
+    from bln_sweeps.sweep.worker import Worker
 
     manifest = {
         "sweep": "eq",
@@ -466,7 +470,7 @@ def test_sweep_over_dyt_and_qk_norm_end_to_end(tmp_path):
     """The reviewer's controls as grid axes: norm=layernorm,dyt,bln x model.qk_norm=none,rmsnorm,
     six cells, every training run probed for leaks, and the table splits cells by both axes."""
     from analysis import comparison_table, load_runs
-    from bln_sweeps.search import load_manifest
+    from bln_sweeps.sweep.manifest import load_manifest
 
     p = bln_sweep(
         "norm=layernorm,dyt,bln",

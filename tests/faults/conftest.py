@@ -120,7 +120,8 @@ def stop_leftovers(text: str) -> None:
 
 def all_trials(sweep_dir: Path) -> list:
     """Every trial of every study of a sweep (empty before the manifest exists)."""
-    from bln_sweeps.search import load_manifest, open_storage
+    from bln_sweeps.sweep.manifest import load_manifest
+    from bln_sweeps.sweep.space import open_storage
 
     if not (sweep_dir / "manifest.json").exists():
         return []
@@ -154,7 +155,7 @@ def assert_sweep_intact(sweep_dir: Path, n_trials: int = N_TRIALS, confirm_seeds
 
 def ranked(sweep_dir: Path) -> dict[str, dict]:
     """`bln-analyze <sweep> --format json`, rows by cell, less the VOLATILE columns."""
-    from bln_sweeps.search import load_manifest
+    from bln_sweeps.sweep.manifest import load_manifest
 
     m = load_manifest(sweep_dir)
     uri = m["tracking_uri"]

@@ -140,9 +140,12 @@ def test_a_trial_failed_by_a_full_disk_is_retried_not_spent(tmp_path, small_disk
     retry finishes it in the same MLflow run."""
     from optuna.trial import TrialState
 
-    from bln_sweeps.search import Worker, budget_state, load_manifest, open_storage
-    from launchers.cli import prepare
+    from bln_sweeps.sweep.budget import budget_state
+    from bln_sweeps.sweep.manifest import load_manifest
+    from bln_sweeps.sweep.space import open_storage
+    from bln_sweeps.sweep.worker import Worker
     from launchers.plan import make_plan
+    from launchers.prepare import prepare
     from tests.faults.conftest import FAST, all_trials, assert_sweep_intact
 
     _, size = undisturbed(tmp_path)

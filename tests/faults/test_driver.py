@@ -100,8 +100,8 @@ def test_driver_killed_while_preparing_leaves_no_run_running(tmp_path):
         *SWEEP[3:],
     ]
     die = (
-        "import os, sys, launchers.cli as c\n"
-        "c.write_manifest = lambda *a: os.kill(os.getpid(), 9)\n"
+        "import os, sys, launchers.cli as c, launchers.prepare as p\n"
+        "p.write_manifest = lambda *a: os.kill(os.getpid(), 9)\n"
         "sys.argv = ['bln-sweep', *sys.argv[1:]]\n"
         "c.main()\n"
     )

@@ -36,7 +36,7 @@ def running_mlflow_run(sweep_dir):
     """The pid of the worker whose trial has a RUNNING MLflow run and no checkpoint yet."""
     from mlflow.tracking import MlflowClient
 
-    from bln_sweeps.search import load_manifest
+    from bln_sweeps.sweep.manifest import load_manifest
 
     trials = all_trials(sweep_dir)
     assert not [t for t in trials if t.state.name == "COMPLETE"], "the trial ended too soon"

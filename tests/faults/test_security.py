@@ -128,7 +128,7 @@ def test_shell_syntax_in_bln_train_overrides_never_runs_and_arrives_verbatim(evi
 def test_shell_syntax_in_sweep_overrides_never_runs_and_arrives_verbatim(evil_sweep):
     from mlflow.tracking import MlflowClient
 
-    from bln_sweeps.search import load_manifest
+    from bln_sweeps.sweep.manifest import load_manifest
 
     nothing_ran(evil_sweep["root"], evil_sweep["marks"])
     sweep_dir = evil_sweep["root"] / "sweeps" / evil_sweep["name"]

@@ -24,6 +24,7 @@ import json
 import math
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -202,3 +203,67 @@ def to_json(dist: BaseDistribution) -> str:
 
 def from_json(text: str) -> BaseDistribution:
     return optuna.distributions.json_to_distribution(text)
+
+
+# ---- a sweep's spaces and their edges -----------------------------------------------------------
+
+
+def searched_space(cell, study) -> dict[str, Any]:
+    """A cell's distributions: its search space, with the ranges search.expand_edges widened (a
+    study user attribute, {key: distribution JSON}). `cell` is read by key (a manifest Cell or
+    its plain JSON)."""
+    from bln_sweeps.sweep.space import parse_space
+
+    space = parse_space(cell["space"])
+    for key, text in (study.user_attrs.get("expanded") or {}).items():
+        space[key] = from_json(text)
+    return space
+
+
+def widened_space(space: dict[str, Any], study) -> dict[str, str]:
+    """{key: widened distribution JSON} for every range whose best value is at an edge."""
+    try:
+        best = study.best_trial
+    except ValueError:  # nothing finished: no best, no edge
+        return {}
+    return {k: to_json(widen(space[k], e)) for k, e in edges(space, best.params).items()}
+
+
+def edge_report(sweep_dir: Path) -> list[str]:
+    """One line per cell and searched key whose best value lies in the outer tenth of its range:
+    the cell, the key, the edge, and the override that widens it. Printed at the end of a sweep."""
+    from bln_sweeps.sweep.manifest import WORKER_KEYS, load_manifest
+    from bln_sweeps.sweep.space import open_storage, study_names
+
+    manifest = load_manifest(sweep_dir, require=WORKER_KEYS)
+    storage = open_storage(manifest.storage_url, Path(sweep_dir))
+    lines = []
+    for cell in manifest.cells:
+        name = study_names(manifest.sweep, cell.name)[0]
+        study = optuna.load_study(study_name=name, storage=storage)
+        space = searched_space(cell, study)
+        try:
+            best = study.best_trial
+        except ValueError:
+            continue
+        for key, edge in edges(space, best.params).items():
+            wider = f"{{{key}: '{expression(widen(space[key], edge))}'}}"
+            where = _space_entry(manifest, cell, key)
+            lines.append(
+                f"at edge: {cell.name}: best {key}={best.params[key]:.4g} lies in the {edge}"
+                f' tenth of {expression(space[key])}; widen it: "{where}={wider}"'
+                f" (or search.expand_edges=true)"
+            )
+    return lines
+
+
+def _space_entry(manifest, cell, key: str) -> str:
+    """The config key holding a searched key's range: search.params, or search.per_norm.<norm>
+    for a norm's own addition."""
+    search = manifest.search
+    if key in search.get("params", {}):
+        return "search.params"
+    for norm, extra in search.get("per_norm", {}).items():
+        if key in extra and f"norm={norm}" in [*manifest.base_overrides, *cell.overrides]:
+            return f"search.per_norm.{norm}"
+    return "search.params"

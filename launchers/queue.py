@@ -1,7 +1,8 @@
 """Worker jobs recorded in `<sweep dir>/manifest.json`, and which of them SLURM still holds.
 
-`bln-sweep` appends one entry per submitted worker to `manifest["jobs"]` (`job_id`,
-`launcher`, `worker`, `submitted`). Rerunning the same command should reattach to the workers
+`bln-sweep` appends one entry per submitted worker to the manifest's `jobs` (`job_id`,
+`launcher`, `worker`, `submitted`: bln_sweeps.sweep.manifest.Job; a plain dict of the same keys
+reads the same). Rerunning the same command should reattach to the workers
 still pending or running instead of submitting duplicates: `live_jobs` asks `squeue` which
 entries are alive, and `reattach` turns them back into submitit job handles the driver can follow.
 Which trial and MLflow run a worker holds is in the Optuna studies (trial user attrs `worker`,
@@ -33,7 +34,7 @@ def queue_states(user: str | None = None) -> dict[str, str] | None:
 
 
 def live_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The entries of manifest["jobs"] whose SLURM job is still pending or running."""
+    """The entries of the manifest's jobs whose SLURM job is still pending or running."""
     states = queue_states()
     if not states:
         return []
@@ -53,3 +54,10 @@ def reattach(sweep_dir: Path, jobs: list[dict[str, Any]]) -> list:
         job._cancel_at_deletion = False
         handles.append(job)
     return handles
+
+
+def reattached(sweep_dir: Path, recorded: list) -> list:
+    """Handles for this sweep's SLURM workers that are still pending or running."""
+    if not any(j.get("launcher") == "slurm" for j in recorded):
+        return []
+    return reattach(sweep_dir, live_jobs(recorded))
