@@ -5,6 +5,11 @@ sync=global the norm must be the single-process norm over the global batch: the 
 the same input gradients, parameter gradients that sum over the ranks to the single-process ones
 (what DDP's gradient all-reduce adds up), and the same running statistics on every rank. With
 sync=local each rank is the single-process norm of its own micro-batch.
+
+Each case runs a few train steps (2 by default) and compares the last: PowerNorm's cases cover
+the warm-up (3 calls, all dividing by the batch statistic q: cumulative-average and EMA phi
+updates) and after it (warm-up of 1 call, then 3 calls dividing by the running phi while e, the
+backward's running mean, has moved), with both backward scales.
 """
 
 import copy
@@ -14,16 +19,33 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bln_sweeps.config import ConfigError, compose, to_run_config, validate
 from bln_sweeps.norms import build_norm
 
 B, T, C, RANKS = 4, 8, 12, 2
-CASES = {  # label -> (registry key, options, padded)
+PN_WARMUP = {"groups": 3, "warmup_steps": 4}  # 3 calls below: all in the warm-up
+PN_RUNNING = {"groups": 3, "warmup_steps": 1}  # call 1 in the warm-up, calls 2-4 after it
+CASES = {  # label -> (registry key, options, padded[, train steps])
     "batchnorm": ("batchnorm", {}, False),
     "batchnorm_padded": ("batchnorm", {}, True),
     "bln": ("bln", {"batch_size": B, "max_len": T}, False),
     "bln_padded": ("bln", {"batch_size": B, "max_len": T}, True),
     "bln_batch_time": ("bln", {"batch_size": B, "max_len": T, "batch_axes": "batch_time"}, False),
-}
+    "causal_batchnorm": ("causal_batchnorm", {}, False),
+    "causal_batchnorm_padded": ("causal_batchnorm", {}, True),
+    "powernorm_warmup": ("powernorm", PN_WARMUP, False, 3),
+    "powernorm_warmup_padded": ("powernorm", PN_WARMUP, True, 3),
+    "powernorm_running": ("powernorm", PN_RUNNING, False, 4),
+    "powernorm_running_padded": ("powernorm", PN_RUNNING, True, 4),
+    "powernorm_paper_backward": (
+        "powernorm", {**PN_RUNNING, "backward_scale": "running"}, True, 4
+    ),
+}  # fmt: skip
+
+
+def case(label):
+    key, options, padded, *steps = CASES[label]
+    return key, options, padded, (steps or [2])[0]
 
 
 def data(padded: bool):
@@ -46,7 +68,7 @@ def make(key, options, sync):
 
 
 def fwd_bwd(norm, x, dy, pad, steps=2):
-    """Two train steps (so running statistics move twice); outputs and grads of the last."""
+    """`steps` train steps (so running statistics move); outputs and grads of the last."""
     for _ in range(steps):
         norm.zero_grad()
         xg = x.clone().requires_grad_()
@@ -68,10 +90,12 @@ def worker(rank: int, store: str, out: str, sync: str) -> None:
     try:
         results = {}
         part = slice(rank * B // RANKS, (rank + 1) * B // RANKS)
-        for label, (key, options, padded) in CASES.items():
+        for label in CASES:
+            key, options, padded, steps = case(label)
             x, dy, pad = data(padded)
             norm = make(key, options, sync)
-            results[label] = fwd_bwd(norm, x[part], dy[part], None if pad is None else pad[part])
+            part_pad = None if pad is None else pad[part]
+            results[label] = fwd_bwd(norm, x[part], dy[part], part_pad, steps)
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -92,11 +116,11 @@ def close(a, b, what):
 @pytest.mark.parametrize("label", list(CASES))
 def test_sync_matches_the_single_process_norm(ranks, label):
     sync, results = ranks
-    key, options, padded = CASES[label]
+    key, options, padded, steps = case(label)
     x, dy, pad = data(padded)
     half = B // RANKS
     if sync == "global":  # one process, the whole global batch
-        ref = fwd_bwd(make(key, options, "local"), x, dy, pad)
+        ref = fwd_bwd(make(key, options, "local"), x, dy, pad, steps)
         y = torch.cat([r[label]["y"] for r in results])
         close(y, ref["y"], "output")
         close(torch.cat([r[label]["dx"] for r in results]), ref["dx"], "input grad")
@@ -108,9 +132,8 @@ def test_sync_matches_the_single_process_norm(ranks, label):
         return
     for rank, r in enumerate(results):  # local: each rank alone on its micro-batch
         part = slice(rank * half, (rank + 1) * half)
-        ref = fwd_bwd(
-            make(key, options, "local"), x[part], dy[part], None if pad is None else pad[part]
-        )
+        part_pad = None if pad is None else pad[part]
+        ref = fwd_bwd(make(key, options, "local"), x[part], dy[part], part_pad, steps)
         close(r[label]["y"], ref["y"], f"rank {rank} output")
         close(r[label]["dx"], ref["dx"], f"rank {rank} input grad")
         for name, b in ref["buffers"].items():
@@ -121,10 +144,24 @@ def test_sync_matches_the_single_process_norm(ranks, label):
     )
 
 
-@pytest.mark.parametrize("key", ["layernorm", "rmsnorm", "powernorm", "causal_batchnorm"])
-def test_sync_global_is_rejected_where_unsupported(key):
-    with pytest.raises(ValueError, match="sync"):
+# causal_batchnorm rejected sync=global, and powernorm had no sync, until both learned it
+@pytest.mark.parametrize("key", ["layernorm", "rmsnorm", "dyt", "identity"])
+def test_sync_is_rejected_by_per_token_norms(key):
+    with pytest.raises(ValueError, match="unknown option 'sync'"):
         build_norm(key, C, sync="global")
+
+
+@pytest.mark.parametrize("name", ["batchnorm", "bln", "powernorm", "causal_batchnorm"])
+def test_config_accepts_sync_global_for_batch_statistic_norms(name):
+    cfg = validate(to_run_config(compose([f"norm={name}", "norm.options.sync=global"])))
+    assert cfg.norm.options["sync"] == "global"
+
+
+def test_config_rejects_sync_for_per_token_norms():
+    with pytest.raises(ConfigError) as e:
+        validate(to_run_config(compose(["norm=layernorm", "norm.options.sync=global"])))
+    msg = str(e.value)
+    assert msg.startswith("norm.options.sync") and "valid options: " in msg and "\n" not in msg
 
 
 def test_sync_must_be_local_or_global():
