@@ -67,12 +67,13 @@ def make(key, options, sync):
     return norm
 
 
-def fwd_bwd(norm, x, dy, pad, steps=2):
-    """`steps` train steps (so running statistics move); outputs and grads of the last."""
+def fwd_bwd(norm, x, dy, pad, steps=2, call=None):
+    """`steps` train steps (so running statistics move); outputs and grads of the last. `call`:
+    what runs the norm (its torch.compile wrapper), default the norm itself."""
     for _ in range(steps):
         norm.zero_grad()
         xg = x.clone().requires_grad_()
-        y = norm(xg, pad)
+        y = (norm if call is None else call)(xg, pad)
         if pad is not None:
             y = y.masked_fill(pad[..., None], 0.0)
         y.backward(dy)
@@ -85,17 +86,18 @@ def fwd_bwd(norm, x, dy, pad, steps=2):
     }
 
 
-def worker(rank: int, store: str, out: str, sync: str) -> None:
+def worker(rank: int, store: str, out: str, sync: str, labels=tuple(CASES), compiled=False):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=RANKS)
     try:
         results = {}
         part = slice(rank * B // RANKS, (rank + 1) * B // RANKS)
-        for label in CASES:
+        for label in labels:
             key, options, padded, steps = case(label)
             x, dy, pad = data(padded)
             norm = make(key, options, sync)
+            call = torch.compile(norm, fullgraph=True) if compiled else None  # no graph breaks
             part_pad = None if pad is None else pad[part]
-            results[label] = fwd_bwd(norm, x[part], dy[part], part_pad, steps)
+            results[label] = fwd_bwd(norm, x[part], dy[part], part_pad, steps, call)
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -109,8 +111,23 @@ def ranks(request, tmp_path_factory):
     return request.param, [torch.load(tmp / f"rank{r}.pt") for r in range(RANKS)]
 
 
-def close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{what}: {m}")
+def close(a, b, what, rtol=1e-9, atol=1e-10):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def assert_global(results, label, rtol=1e-9, atol=1e-10):
+    """The ranks' results (sync=global) against one process holding the whole global batch."""
+    key, options, padded, steps = case(label)
+    x, dy, pad = data(padded)
+    ref = fwd_bwd(make(key, options, "local"), x, dy, pad, steps)
+    tol = {"rtol": rtol, "atol": atol}
+    close(torch.cat([r[label]["y"] for r in results]), ref["y"], "output", **tol)
+    close(torch.cat([r[label]["dx"] for r in results]), ref["dx"], "input grad", **tol)
+    for name, g in ref["grads"].items():
+        close(sum(r[label]["grads"][name] for r in results), g, f"{name}.grad summed", **tol)
+    for r in results:
+        for name, b in ref["buffers"].items():
+            close(r[label]["buffers"][name], b, f"buffer {name}", **tol)
 
 
 @pytest.mark.parametrize("label", list(CASES))
@@ -120,15 +137,7 @@ def test_sync_matches_the_single_process_norm(ranks, label):
     x, dy, pad = data(padded)
     half = B // RANKS
     if sync == "global":  # one process, the whole global batch
-        ref = fwd_bwd(make(key, options, "local"), x, dy, pad, steps)
-        y = torch.cat([r[label]["y"] for r in results])
-        close(y, ref["y"], "output")
-        close(torch.cat([r[label]["dx"] for r in results]), ref["dx"], "input grad")
-        for name, g in ref["grads"].items():
-            close(sum(r[label]["grads"][name] for r in results), g, f"{name}.grad summed")
-        for r in results:
-            for name, b in ref["buffers"].items():
-                close(r[label]["buffers"][name], b, f"buffer {name}")
+        assert_global(results, label)
         return
     for rank, r in enumerate(results):  # local: each rank alone on its micro-batch
         part = slice(rank * half, (rank + 1) * half)
@@ -142,6 +151,20 @@ def test_sync_matches_the_single_process_norm(ranks, label):
     assert not torch.equal(
         results[0][label]["y"], results[1][label]["y"][: len(results[0][label]["y"])]
     )
+
+
+COMPILED = ["causal_batchnorm_padded", "powernorm_running_padded"]
+
+
+@pytest.mark.slow  # 2 ranks x 2 compiles, ~1 min on 2 cores
+def test_sync_global_compiled(tmp_path):
+    """The compile path (`train.compile=true`): the functional all-reduce traced into the forward
+    and the backward graphs, to compile-path tolerance (test_compile.py's)."""
+    mp.spawn(worker, args=(str(tmp_path / "store"), str(tmp_path), "global", COMPILED, True),
+             nprocs=RANKS)  # fmt: skip
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(RANKS)]
+    for label in COMPILED:
+        assert_global(results, label, rtol=1e-4, atol=1e-5)
 
 
 # causal_batchnorm rejected sync=global, and powernorm had no sync, until both learned it
