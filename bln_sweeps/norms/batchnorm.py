@@ -6,7 +6,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bln_sweeps.norms.options import check_choice, check_float
-from bln_sweeps.norms.statistics import SYNCS, compiling, fp32, group_sum, snapshot, upcast
+from bln_sweeps.norms.statistics import (
+    SYNCS,
+    compiling,
+    fp32,
+    group_sum,
+    rank_sums,
+    snapshot,
+    upcast,
+)
 
 
 class BatchNorm(nn.Module):
@@ -105,12 +113,14 @@ class CausalBatchNorm(BatchNorm):
     position t pool the valid tokens {(b, s): s <= t} of every sequence, computed with cumulative
     sums over time. Causal in positions (but cross-sequence) in train mode. The running statistics
     are updated like BatchNorm's from the whole batch's statistics, and eval uses them. With B = 1
-    the statistic at t = 0 is a single token (variance 0): finite, just uninformative."""
+    the statistic at t = 0 is a single token (variance 0): finite, just uninformative.
+
+    sync="global": the per-position batch sums (T, C) and counts (T, 1) are summed over the ranks
+    before the cumulative sums, so position t pools positions <= t of every rank's sequences
+    (still causal in positions); the backward sums its per-position batch sums likewise."""
 
     def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1, sync: str = "local"):
-        if sync != "local":  # its cumulative sums would need an all-reduce per position
-            raise ValueError(f"sync={sync!r}: causal_batchnorm supports only sync=local")
-        super().__init__(dim, eps=eps, momentum=momentum)
+        super().__init__(dim, eps=eps, momentum=momentum, sync=sync)
         self.causal_in_train = True
 
     def _train_forward(self, xf: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
@@ -119,7 +129,7 @@ class CausalBatchNorm(BatchNorm):
         shift = snapshot(self.running_mean)
         valid = None if pad_mask is None else ~pad_mask
         y, mean, var, n = _CausalBatchNormFunction.apply(
-            xf, self.weight, self.bias, shift, valid, self.eps
+            xf, self.weight, self.bias, shift, valid, self.eps, self.sync
         )
         with torch.no_grad():  # running update from the whole batch = the statistics at T - 1
             self.num_batches_tracked.add_(1)
@@ -143,10 +153,14 @@ class _CausalBatchNormFunction(torch.autograd.Function):
     entered them for every t >= s with d mean_t / dx = 1/n_t, d var_t / dx = 2 (x - mean_t)/n_t:
         dx_bs = weight * rstd_s * dy_bs + v_bs * sum_{t >= s} (g_mean_t + 2 g_var_t (x_bs -
                 mean_t)) / n_t
-    with g_mean_t = dL/dmean_t, g_var_t = dL/dvar_t: reverse cumulative sums over t."""
+    with g_mean_t = dL/dmean_t, g_var_t = dL/dvar_t: reverse cumulative sums over t.
+
+    sync="global": the sums over b run over every rank's sequences: one all-reduce of (s1, s2,
+    count) in the forward and one of (sum dy, sum dy*x) in the backward, so g_mean, g_var and dx
+    are the single-process ones. dweight and dbias come from this rank's sums (DDP adds them)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, shift, valid, eps):
+    def forward(ctx, x, weight, bias, shift, valid, eps, sync):
         # x (B, T, C); valid (B, T) bool or None; shift (C,)
         B, T, C = x.shape
         ones = x.new_ones(B)
@@ -157,6 +171,7 @@ class _CausalBatchNormFunction(torch.autograd.Function):
         s2 = (ones @ xs.square_().view(B, T * C)).view(T, C)
         del xs
         count = x.new_full((T, 1), B) if valid is None else valid.sum(0).to(x.dtype)[:, None]
+        s1, s2, count = rank_sums(s1, s2, count, sync=sync)  # over every rank's sequences
         n = count.double().cumsum(0)  # (T, 1) valid tokens at positions <= t
         inv_n = torch.where(n > 0, 1.0 / n.clamp_min(1), 0.0)  # no valid token yet: no stats
         mean_s = s1.double().cumsum(0) * inv_n  # (T, C), of the shifted x; fp64 running sums
@@ -166,6 +181,7 @@ class _CausalBatchNormFunction(torch.autograd.Function):
         scale = weight * rstd  # (T, C)
         y = torch.addcmul(bias - scale * mean, x, scale)
         ctx.save_for_backward(x, valid, weight, mean, rstd, inv_n)
+        ctx.sync = sync
         last = (mean[-1].clone(), var[-1].to(x.dtype), n[-1].to(x.dtype))  # the whole batch
         ctx.mark_non_differentiable(*last)
         return y, *last
@@ -180,8 +196,10 @@ class _CausalBatchNormFunction(torch.autograd.Function):
             sum_dy = (ones @ dy.view(B, T * C)).view(T, C)
             dx = dy * x  # scratch: its batch sums, then dx in the same memory
             sum_dy_x = (ones @ dx.view(B, T * C)).view(T, C)
-            g_mean = -weight * rstd * sum_dy  # (T, C)
-            g_var = -0.5 * weight * rstd**3 * (sum_dy_x - mean * sum_dy)
+            # the means and variances pooled every rank's sequences: so do their gradients
+            all_dy, all_dy_x = rank_sums(sum_dy, sum_dy_x, sync=ctx.sync)  # (T, C) each
+            g_mean = -weight * rstd * all_dy  # (T, C)
+            g_var = -0.5 * weight * rstd**3 * (all_dy_x - mean * all_dy)
 
             def later(a):  # sum over t >= s, in fp64
                 return a.double().flip(0).cumsum(0).flip(0)
@@ -196,4 +214,4 @@ class _CausalBatchNormFunction(torch.autograd.Function):
                 dx.add_(stats)
             dweight = (rstd * (sum_dy_x - mean * sum_dy)).sum(0)
             dbias = sum_dy.sum(0)
-        return dx, dweight, dbias, None, None, None
+        return dx, dweight, dbias, None, None, None, None

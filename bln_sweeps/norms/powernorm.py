@@ -6,7 +6,15 @@ import torch.nn as nn
 
 from bln_sweeps.norms.options import check_choice, check_float, check_int
 from bln_sweeps.norms.per_token import rms_norm
-from bln_sweeps.norms.statistics import column_sum, compiling, fp32, snapshot, upcast
+from bln_sweeps.norms.statistics import (
+    SYNCS,
+    column_sum,
+    compiling,
+    fp32,
+    rank_sums,
+    snapshot,
+    upcast,
+)
 
 
 class _PowerNormFunction(torch.autograd.Function):
@@ -17,30 +25,38 @@ class _PowerNormFunction(torch.autograd.Function):
         du = gt * r_bwd,   dweight = sum dy * z,   dbias = sum dy
 
     r_fwd (C,) is what the forward divided by; r_bwd (C,) is 1/sqrt(q + eps) of the current batch
-    ("batch", the code) or r_fwd ("running", the paper). No gradient flows to q, phi or r."""
+    ("batch", the code) or r_fwd ("running", the paper). No gradient flows to q, phi or r.
+
+    sync="global": the batch is every rank's micro-batch, as if one process held it all. The
+    forward's sum_z2 (C,) and slot count n are already summed over the ranks; the backward sums
+    sum(dy * z) (C,) over the ranks for the e update only, so e (and with it du) is the same on
+    every rank and equals the single-process one. dweight and dbias stay this rank's sums: DDP
+    adds them up over the ranks (summing global sums there would count every rank N times)."""
 
     @staticmethod
-    def forward(ctx, u, weight, bias, r_fwd, r_bwd, ema_gz, alpha_bkw, sum_z2):
-        # u (B, T, C) fp32 group-scaled input; sum_z2 (C,) = sum over all B*T slots of z^2
+    def forward(ctx, u, weight, bias, r_fwd, r_bwd, ema_gz, alpha_bkw, sum_z2, n, sync):
+        # u (B, T, C) fp32 group-scaled input; sum_z2 (C,) = sum over all B*T slots of z^2, and
+        # n their number (an int, or a 0-d tensor when summed over the ranks)
         ctx.save_for_backward(u, weight, r_fwd, r_bwd, sum_z2)
         ctx.ema_gz, ctx.alpha_bkw = ema_gz, alpha_bkw  # e is mutated in backward: not "saved"
+        ctx.n, ctx.sync = n, sync
         return torch.addcmul(bias, u, weight * r_fwd)
 
     @staticmethod
     def backward(ctx, dy):
         u, weight, r_fwd, r_bwd, sum_z2 = ctx.saved_tensors
-        e, beta = ctx.ema_gz, 1.0 - ctx.alpha_bkw
-        n = u.shape[0] * u.shape[1]  # all slots, pads included (as the official code)
+        e, beta, n = ctx.ema_gz, 1.0 - ctx.alpha_bkw, ctx.n  # n: all slots, pads included
         with fp32(dy):
             du = dy * u  # scratch: its column sums, then du in the same memory
             sum_dy_z = column_sum(du) * r_fwd  # (C,) = dweight
             sum_dy = column_sum(dy)  # (C,) = dbias
             e_old = e.clone()
+            (batch_dy_z,) = rank_sums(sum_dy_z, sync=ctx.sync)  # (C,) over the whole batch
             # mean(gt * z) = (weight * sum(dy * z) - beta * e * sum(z^2)) / n
-            e.add_((weight * sum_dy_z - beta * e_old * sum_z2) / n)
+            e.add_((weight * batch_dy_z - beta * e_old * sum_z2) / n)
             torch.mul(dy, weight * r_bwd, out=du)
             du.addcmul_(u, beta * e_old * r_fwd * r_bwd, value=-1.0)  # - beta * e * z * r_bwd
-        return du, sum_dy_z, sum_dy, None, None, None, None, None
+        return du, sum_dy_z, sum_dy, None, None, None, None, None, None, None
 
 
 class _PowerNormFusedFunction(torch.autograd.Function):
@@ -51,22 +67,22 @@ class _PowerNormFusedFunction(torch.autograd.Function):
     everything before it reads the old e."""
 
     @staticmethod
-    def forward(ctx, u, weight, bias, r_fwd, r_bwd, ema_gz, alpha_bkw, sum_z2):
+    def forward(ctx, u, weight, bias, r_fwd, r_bwd, ema_gz, alpha_bkw, sum_z2, n, sync):
         ctx.save_for_backward(u, weight, r_fwd, r_bwd, sum_z2, ema_gz)
-        ctx.alpha_bkw = alpha_bkw
+        ctx.alpha_bkw, ctx.n, ctx.sync = alpha_bkw, n, sync
         return torch.addcmul(bias, u, weight * r_fwd)
 
     @staticmethod
     def backward(ctx, dy):
         u, weight, r_fwd, r_bwd, sum_z2, e = ctx.saved_tensors
         r_bwd = r_fwd if r_bwd is None else r_bwd
-        beta = 1.0 - ctx.alpha_bkw
-        n = u.shape[0] * u.shape[1]  # all slots, pads included (as the official code)
+        beta, n = 1.0 - ctx.alpha_bkw, ctx.n  # n: all slots, pads included
         sum_dy_z = (dy * u).sum((0, 1)) * r_fwd  # (C,) = dweight
         sum_dy = dy.sum((0, 1))  # (C,) = dbias
         du = (dy * weight - beta * e * u * r_fwd) * r_bwd  # (g - beta * e * z) * r_bwd
-        e.add_((weight * sum_dy_z - beta * e * sum_z2) / n)
-        return du, sum_dy_z, sum_dy, None, None, None, None, None
+        (batch_dy_z,) = rank_sums(sum_dy_z, sync=ctx.sync)  # (C,) over the whole batch
+        e.add_((weight * batch_dy_z - beta * e * sum_z2) / n)
+        return du, sum_dy_z, sum_dy, None, None, None, None, None, None, None
 
 
 class PowerNorm(nn.Module):
@@ -94,6 +110,11 @@ class PowerNorm(nn.Module):
     backward_scale: "batch" divides the backward by the current-batch q even after warm-up (the
     official code, default); "running" divides it by what the forward divided by (phi before the
     update after warm-up; q during warm-up, where the two coincide), as the paper describes.
+
+    sync: "local" takes q and the backward's means over this rank's micro-batch; "global" over
+    every rank's (one all-reduce of the forward's sums, one of the backward's sum(dy * z)), so N
+    ranks behave as one process holding the global batch: the same outputs, input gradients, phi
+    and e on every rank (see `_PowerNormFunction` for the backward).
     """
 
     has_params = True
@@ -111,6 +132,7 @@ class PowerNorm(nn.Module):
         warmup_steps: int = 0,
         accum_steps: int = 1,
         backward_scale: str = "batch",
+        sync: str = "local",
     ):
         super().__init__()
         check_int("groups", groups, 1)
@@ -122,6 +144,8 @@ class PowerNorm(nn.Module):
         check_int("warmup_steps", warmup_steps, 0)
         check_int("accum_steps", accum_steps, 1)
         check_choice("backward_scale", backward_scale, self.BACKWARD_SCALES)
+        check_choice("sync", sync, SYNCS)
+        self.sync = sync
         self.groups, self.eps = groups, eps
         self.alpha_fwd, self.alpha_bkw = alpha_fwd, alpha_bkw
         self.warmup_steps, self.accum_steps = warmup_steps, accum_steps
@@ -164,11 +188,14 @@ class PowerNorm(nn.Module):
             self.iters.add_(1)
             u2 = u.square()
             sum_u2 = column_sum(u2)  # (C,) over all slots
-            if pad_mask is None:
-                q = sum_u2 / (u.shape[0] * u.shape[1])
+            n = u.shape[0] * u.shape[1]  # all slots, pads included (the backward's means)
+            if self.sync == "global":  # the whole batch: sums and counts over the ranks
+                q, sum_u2, n = self._global_moments(u2, sum_u2, n, pad_mask)
+            elif pad_mask is None:
+                q = sum_u2 / n
             else:
-                n = (~pad_mask).sum().clamp_min(1)
-                q = column_sum(u2.masked_fill_(pad_mask[..., None], 0.0)) / n
+                n_valid = (~pad_mask).sum().clamp_min(1)
+                q = column_sum(u2.masked_fill_(pad_mask[..., None], 0.0)) / n_valid
             phi = snapshot(self.running_phi)  # before this call's update
             r_q = torch.rsqrt(q + self.eps)
             # tensor-valued branch on k (no host sync, no recompiles)
@@ -183,8 +210,31 @@ class PowerNorm(nn.Module):
         else:
             fn = _PowerNormFunction
         return fn.apply(
-            u, self.weight, self.bias, r_fwd, r_bwd, self.ema_gz, self.alpha_bkw, sum_z2
+            u,
+            self.weight,
+            self.bias,
+            r_fwd,
+            r_bwd,
+            self.ema_gz,
+            self.alpha_bkw,
+            sum_z2,
+            n,
+            self.sync,
         )
+
+    @staticmethod
+    def _global_moments(u2, sum_u2, n, pad_mask):
+        """q (C,), sum_u2 (C,) over all slots and the slot count (0-d), all over every rank's
+        micro-batch, from one all-reduce. u2 (B, T, C) is overwritten (pads zeroed)."""
+        if pad_mask is None:
+            valid_u2, n_valid = sum_u2, u2.new_tensor(float(n))
+        else:
+            valid_u2 = column_sum(u2.masked_fill_(pad_mask[..., None], 0.0))
+            n_valid = (~pad_mask).sum().to(u2.dtype)
+        slots = u2.new_tensor(float(n))
+        sums = rank_sums(valid_u2, sum_u2, n_valid, slots, sync="global")
+        valid_u2, sum_u2, n_valid, slots = sums
+        return valid_u2 / n_valid.clamp_min(1), sum_u2, slots
 
     def extra_repr(self) -> str:
         return (

@@ -51,6 +51,26 @@ def group_sum(t: torch.Tensor, sync: str) -> torch.Tensor:
     return all_reduce(t)
 
 
+def rank_sums(*ts: torch.Tensor, sync: str) -> tuple[torch.Tensor, ...]:
+    """Each t summed over the ranks when sync == "global" and several ranks run, in ONE
+    all-reduce (flattened, concatenated in the first t's dtype, split back); else the ts
+    themselves. No autograd: for sums that no gradient flows through, and for the sums a
+    hand-written backward takes (PowerNorm, causal BatchNorm). Under torch.compile the
+    functional all-reduce, which Dynamo traces into the graph (also inside a backward)."""
+    if sync == "local" or not is_distributed():
+        return ts
+    flat = torch.cat([t.reshape(-1).to(ts[0].dtype) for t in ts])
+    if compiling():
+        from torch.distributed._functional_collectives import all_reduce
+
+        flat = all_reduce(flat, "sum", dist.group.WORLD)
+    else:
+        flat = flat.detach().clone()  # cat of one tensor may alias it; all_reduce is in place
+        dist.all_reduce(flat)
+    parts = flat.split([t.numel() for t in ts])
+    return tuple(p.view(t.shape).to(t.dtype) for p, t in zip(parts, ts, strict=True))
+
+
 # -----------------------------------------------------------------------------
 # The compile path. Under torch.compile (`train.compile=true`) every norm runs a formulation
 # Inductor can fuse: plain differentiable ops, or an autograd.Function whose forward and backward
