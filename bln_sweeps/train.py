@@ -34,10 +34,10 @@ from bln_sweeps.norms import NORMS, build_norm
 from bln_sweeps.tracking import (
     RunLogger,
     ends_runs_on_error,
-    flatten_config,
     provenance_tags,
     resolve_tracking_uri,
 )
+from bln_sweeps.tracking.contract import flatten_config
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU rather than a guess.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}

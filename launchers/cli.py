@@ -178,7 +178,8 @@ def prepare(plan: Plan, command: str) -> dict:
     import optuna
 
     from bln_sweeps.search import load_manifest, open_storage, study_names
-    from bln_sweeps.tracking import RunLogger, mask_credentials
+    from bln_sweeps.tracking import RunLogger
+    from bln_sweeps.tracking.contract import mask_credentials
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     path = plan.sweep_dir / "manifest.json"

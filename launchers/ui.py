@@ -212,7 +212,8 @@ def save_view(client, experiment_id: str, metric: str) -> None:
 
 
 def prepare_experiment(uri: str, sweep: str, metric: str) -> str:
-    from bln_sweeps.tracking import metric_key, tracking_client
+    from bln_sweeps.tracking import tracking_client
+    from bln_sweeps.tracking.contract import metric_key
 
     client = tracking_client(uri)
     exp = client.get_experiment_by_name(sweep)
