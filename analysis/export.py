@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.contract import BATCH, NORM, SEQ, AnalysisError
+from bln_sweeps.tracking.contract import CONFIRM
 
 FORMATS = ("md", "csv", "tex", "html", "json")
 LEAKY_MARK = "†"
@@ -219,7 +220,7 @@ def _title(table: pd.DataFrame) -> str:
     a = table.attrs
     metric, baseline = a.get("metric", "metric"), a.get("baseline")
     pct = f"{round(100 * a.get('confidence', 0.95))}%"
-    seeds = "confirm runs" if a.get("replicates") == "confirm" else "runs"
+    seeds = "confirm runs" if a.get("replicates") == CONFIRM else "runs"
     text = f"{metric}: mean ± {pct} t-interval over the seeds of each cell's {seeds}"
     if baseline is not None:
         family = (

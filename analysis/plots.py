@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.contract import BATCH, NORM, SEQ
+from bln_sweeps.tracking.contract import CONFIRM
 
 AXIS_TITLES = {
     BATCH: "micro-batch size (sequences per forward pass)",
@@ -142,7 +143,7 @@ def learning_curves(history: pd.DataFrame, table: pd.DataFrame, runs: pd.DataFra
         ax.set_title(panel, fontsize=10)
         ax.grid(alpha=0.3)
     _legend_outside(fig, axs)
-    kind = "confirm runs" if table.attrs.get("replicates", "confirm") == "confirm" else "seed runs"
+    kind = "confirm runs" if table.attrs.get("replicates", CONFIRM) == CONFIRM else "seed runs"
     _title(fig, f"{metric} during training", f"{kind}; thin: one seed, thick: seed mean")
     return fig
 

@@ -41,6 +41,7 @@ AT_EDGE_TAG = "at_edge"  # confirm runs: searched keys whose best value is at an
 LEAKY_TAG = "leaky"  # "true"/"false": whether the norm leaks across positions (bln_sweeps.leak)
 DEVICE_TAG = "device"
 N_DEVICES_TAG = "n_devices"
+OPTUNA_STUDY_TAG = "optuna.study"  # the study a trial or confirm run belongs to
 LOST_METRICS_TAG = "tracking.lost_metrics"  # metric points the logger gave up on
 # MLflow's own tags
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow nests runs
@@ -67,15 +68,31 @@ RUNNING, FINISHED, PRUNED, DIVERGED, FAILED, PREEMPTED = (
 RUN_STATES = (RUNNING, FINISHED, PRUNED, DIVERGED, FAILED, PREEMPTED)
 
 # ---------------------------------------------------------------------------------------------
+# Metric names, in their logical spelling.
+
+# A metric's inference mode: logical names say `val/loss@batch`, MLflow forbids '@' in keys and
+# ':' is the closest character it allows, so the store says `val/loss:batch`.
+_MODE, _STORED_MODE = "@", ":"
+# `<split>/loss` is a split's loss in eval mode (population statistics); `<split>/loss@<mode>`
+# the same split under another inference mode (bln_sweeps.evaluate).
+TRAIN_LOSS, TRAIN_LR, TRAIN_GRAD_NORM = "train/loss", "train/lr", "train/grad_norm"
+VAL_LOSS, TEST_LOSS = "val/loss", "test/loss"
+BATCH_MODE = "batch"  # `@batch`: the train-mode forward, current-batch statistics
+TOKENS_PER_S, MFU, WALL_S = "perf/tokens_per_s", "perf/mfu", "perf/wall_s"
+
+
+def loss_metric(split: str, mode: str | None = None) -> str:
+    """`loss_metric("val")` -> `val/loss`; `loss_metric("val", "batch")` -> `val/loss@batch`."""
+    return f"{split}/loss" + (f"{_MODE}{mode}" if mode else "")
+
+
+# ---------------------------------------------------------------------------------------------
 # Metric and param keys
 
 # MLflow accepts these characters in metric, param and tag keys (its regex, non-Windows), ':'
 # included; metric names swap ':' for '@'.
 _KEY_CHARS = r"/\w.\- "
 _ALLOWED = "letters, digits, '_', '-', '.', '/', ' '"
-# A metric's inference mode: logical names say `val/loss@batch`, MLflow forbids '@' in keys and
-# ':' is the closest character it allows, so the store says `val/loss:batch`.
-_MODE, _STORED_MODE = "@", ":"
 
 
 def check_key(kind: str, name: str, extra: str = ":") -> None:
