@@ -265,7 +265,7 @@ class RunLogger(Sender):
     def __exit__(self, exc_type, exc, tb) -> None:
         self.end(RUN_FINISHED if exc_type is None else RUN_FAILED)
 
-    # -- the sender thread ----------------------------------------------------------------------
+    # The sender thread's methods (_send_loop and what it calls) are inherited from Sender.
 
 
 _open_runs = threading.local()  # RunLoggers started inside `ends_runs_on_error`, per thread
