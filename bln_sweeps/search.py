@@ -23,6 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from bln_sweeps.config import ConfigError
+from bln_sweeps.tracking.contract import (
+    AT_EDGE_TAG,
+    CELL_TAG,
+    CONFIRM,
+    FAILED,
+    FINISHED,
+    KIND_TAG,
+    OPTUNA_STUDY_TAG,
+    PRUNED,
+    RUN_FINISHED,
+    RUN_RUNNING,
+    SWEEP_TAG,
+    TRIAL,
+    TRIAL_TAG,
+)
 
 
 def parse_distribution(key: str, expression: Any):
@@ -617,12 +632,12 @@ class Worker:
             )
 
         tags = {
-            "sweep": self.manifest["sweep"],
-            "cell": cell["name"],
-            "trial": str(trial.number),
-            "kind": "confirm" if confirm else "trial",
-            "optuna.study": study.study_name,
-            **({"at_edge": at_edge} if confirm else {}),
+            SWEEP_TAG: self.manifest["sweep"],
+            CELL_TAG: cell["name"],
+            TRIAL_TAG: str(trial.number),
+            KIND_TAG: CONFIRM if confirm else TRIAL,
+            OPTUNA_STUDY_TAG: study.study_name,
+            **({AT_EDGE_TAG: at_edge} if confirm else {}),
         }
         try:
             with Heartbeat(study, trial._trial_id, self.sweep_dir):
@@ -648,7 +663,7 @@ class Worker:
                 return True
             from bln_sweeps.credentials import mask_text
 
-            store.set_trial_user_attr(trial._trial_id, "status", "failed")
+            store.set_trial_user_attr(trial._trial_id, "status", FAILED)
             store.set_trial_user_attr(
                 trial._trial_id, "status_reason", mask_text(f"{type(e).__name__}: {e}")[:500]
             )
@@ -656,9 +671,9 @@ class Worker:
             return True
         store.set_trial_user_attr(trial._trial_id, "status", result["status"])
         store.set_trial_user_attr(trial._trial_id, "mlflow_run_id", result.get("run_id"))
-        if result["status"] == "finished":
+        if result["status"] == FINISHED:
             study.tell(trial, result[metric])
-        elif result["status"] == "pruned":
+        elif result["status"] == PRUNED:
             study.tell(trial, state=TrialState.PRUNED)
         else:
             store.set_trial_user_attr(
@@ -775,5 +790,5 @@ def close_parent_runs(manifest: dict) -> None:
 
     client = tracking_client(manifest["tracking_uri"])
     for run_id in [c["mlflow_run_id"] for c in manifest["cells"]] + [manifest["mlflow_run_id"]]:
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "FINISHED")
+        if run_id and client.get_run(run_id).info.status == RUN_RUNNING:
+            client.set_terminated(run_id, RUN_FINISHED)

@@ -179,7 +179,14 @@ def prepare(plan: Plan, command: str) -> dict:
 
     from bln_sweeps.search import load_manifest, open_storage, study_names
     from bln_sweeps.tracking import RunLogger
-    from bln_sweeps.tracking.contract import mask_credentials
+    from bln_sweeps.tracking.contract import (
+        CELL,
+        CELL_TAG,
+        KIND_TAG,
+        SWEEP,
+        SWEEP_TAG,
+        mask_credentials,
+    )
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     path = plan.sweep_dir / "manifest.json"
@@ -188,13 +195,13 @@ def prepare(plan: Plan, command: str) -> dict:
     uri = old.get("tracking_uri") or tracking_uri(plan)
     storage = open_storage(plan.storage_url, plan.sweep_dir)
     # a driver killed before it wrote the manifest left its runs behind: adopt them, by tag
-    sweep_run = old.get("mlflow_run_id") or unfinished_run(uri, plan.sweep, "sweep")
+    sweep_run = old.get("mlflow_run_id") or unfinished_run(uri, plan.sweep, SWEEP)
     if sweep_run is None:
         logger = RunLogger.start(
             uri,
             plan.sweep,
             run_name=f"sweep {plan.sweep}",
-            tags={"sweep": plan.sweep, "kind": "sweep"},
+            tags={SWEEP_TAG: plan.sweep, KIND_TAG: SWEEP},
             description=f"`{mask_credentials(command)}`",
         )
         sweep_run = logger.run_id
@@ -203,7 +210,7 @@ def prepare(plan: Plan, command: str) -> dict:
         for name in study_names(plan.sweep, cell["name"]):
             optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
         run_id = old_cells.get(cell["name"], {}).get("mlflow_run_id") or unfinished_run(
-            uri, plan.sweep, "cell", cell["name"]
+            uri, plan.sweep, CELL, cell["name"]
         )
         if run_id is None:
             logger = RunLogger.start(
@@ -211,7 +218,7 @@ def prepare(plan: Plan, command: str) -> dict:
                 plan.sweep,
                 run_name=cell["name"],
                 parent_run_id=sweep_run,
-                tags={"sweep": plan.sweep, "kind": "cell", "cell": cell["name"]},
+                tags={SWEEP_TAG: plan.sweep, KIND_TAG: CELL, CELL_TAG: cell["name"]},
             )
             run_id = logger.run_id
         cells.append({**cell, "mlflow_run_id": run_id})
@@ -238,6 +245,7 @@ def prepare(plan: Plan, command: str) -> dict:
 def unfinished_run(uri: str, sweep: str, kind: str, cell: str | None = None) -> str | None:
     """The id of the sweep's (or a cell's) MLflow run that is still RUNNING, if any."""
     from bln_sweeps.tracking import tracking_client
+    from bln_sweeps.tracking.contract import CELL_TAG, KIND_TAG, RUN_RUNNING, SWEEP_TAG
 
     client = tracking_client(uri)
     exp = client.get_experiment_by_name(sweep)
@@ -245,8 +253,8 @@ def unfinished_run(uri: str, sweep: str, kind: str, cell: str | None = None) -> 
         return None
     from bln_sweeps.names import filter_string
 
-    where = {"tags.kind": kind, "tags.sweep": sweep, "attributes.status": "RUNNING"}
-    query = filter_string({**where, **({"tags.cell": cell} if cell is not None else {})})
+    where = {f"tags.{KIND_TAG}": kind, f"tags.{SWEEP_TAG}": sweep, "attributes.status": RUN_RUNNING}
+    query = filter_string({**where, **({f"tags.{CELL_TAG}": cell} if cell is not None else {})})
     runs = client.search_runs([exp.experiment_id], query, max_results=1)
     return runs[0].info.run_id if runs else None
 
