@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.contract import BATCH, NORM, SEQ, AnalysisError
-from bln_sweeps.tracking.contract import CONFIRM
+from bln_sweeps.tracking.contract import CONFIRM, TEST_LOSS, VAL_LOSS
 
 FORMATS = ("md", "csv", "tex", "html", "json")
 LEAKY_MARK = "†"
@@ -154,7 +154,7 @@ def display(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
             f"{_g(p)}{' *' if s is not pd.NA and s else ''}" if np.isfinite(p) else "—"
             for p, s in zip(table["p_holm"], table["significant"], strict=True)
         ]
-    for m in [c for c in table.columns if c.startswith(("val/loss", "test/loss"))]:
+    for m in [c for c in table.columns if c.startswith((VAL_LOSS, TEST_LOSS))]:
         cols[m] = [_f(v) for v in table[m]]
         best[m] = _best(table[m], False)
     if "batch_gap" in table:

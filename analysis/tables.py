@@ -44,9 +44,11 @@ from bln_sweeps.tracking.contract import (
     RUNNING,
     SINGLE,
     STATUS_TAG,
+    TEST_LOSS,
     TOKENS_PER_S,
     TRAINING_KINDS,
     TRIAL,
+    VAL_LOSS,
     WALL_S,
     logical_metric_name,
 )
@@ -445,7 +447,7 @@ def _column_order(table: pd.DataFrame, axes: list[str]) -> list[str]:
 
 def _is_split_loss(column: str) -> bool:
     """A held-out loss column: `val/loss...` (selection) or `test/loss...` (reporting)."""
-    return column.startswith(("val/loss", "test/loss"))
+    return column.startswith((VAL_LOSS, TEST_LOSS))
 
 
 def _at_edge(reps: pd.DataFrame) -> str:

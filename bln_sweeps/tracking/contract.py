@@ -86,6 +86,13 @@ def loss_metric(split: str, mode: str | None = None) -> str:
     return f"{split}/loss" + (f"{_MODE}{mode}" if mode else "")
 
 
+def split_metric(name: str) -> tuple[str, str | None]:
+    """Logical name -> (name without its mode, mode or None): `val/loss@batch` -> ("val/loss",
+    "batch"), `val/loss` -> ("val/loss", None)."""
+    base, sep, mode = name.partition(_MODE)
+    return base, (mode if sep else None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Metric and param keys
 
