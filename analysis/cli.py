@@ -92,9 +92,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from analysis.contract import AnalysisError, logical_metric_name
+    from analysis.contract import AnalysisError
     from analysis.export import check_formats, render, write
     from analysis.load import load_runs
+    from bln_sweeps.tracking.contract import logical_metric_name
 
     if bool(args.sweep) == bool(args.experiment):
         known = _known_sweeps(args.sweeps_dir)
@@ -240,17 +241,18 @@ def _known_sweeps(sweeps_dir: str) -> str:
 
 
 def _plots(table, runs, uri: str, out: Path, via: str) -> list[Path]:
-    from analysis.contract import FINISHED, HEADLINE_METRIC
+    from analysis.contract import HEADLINE_METRIC
     from analysis.load import load_history
     from analysis.plots import plot_all
+    from bln_sweeps.tracking.contract import FINISHED, KIND_TAG, SINGLE, STATUS_TAG
 
     metric = table.attrs["metric"]
     # learning curves: the selection split (the test split is scored once, at the end)
     curve = metric if metric.startswith("val/") else HEADLINE_METRIC
-    kind = runs["kind"].fillna("single") if "kind" in runs else None
+    kind = runs[KIND_TAG].fillna(SINGLE) if KIND_TAG in runs else None
     chosen = runs if kind is None else runs[kind == table.attrs["replicates"]]
-    if "status" in chosen:
-        chosen = chosen[chosen["status"].fillna(FINISHED) == FINISHED]
+    if STATUS_TAG in chosen:
+        chosen = chosen[chosen[STATUS_TAG].fillna(FINISHED) == FINISHED]
     history = load_history(chosen["run_id"].tolist(), curve, uri, via=via)
     axes = [a for a in table.attrs["axes"] if a in runs]
     history = history.merge(runs[["run_id", *axes]], on="run_id", how="left")

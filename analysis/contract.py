@@ -1,70 +1,63 @@
-"""The MLflow contract seen from the reading side: run kinds, statuses, tags, metric spelling.
+"""What analysis adds to the MLflow contract: the types of the tag columns, the grid axes, the
+headline metrics, and the error type for bad user input.
 
-The trainer and the sweep write runs this way (bln_sweeps.tracking owns the writing side). These
-few names are repeated here on purpose, so that analysis imports nothing of the training stack.
+The names runs are written with (tags, their values, metric spelling) have one owner,
+bln_sweeps.tracking.contract, which is stdlib only: analysis imports them from there and still
+imports nothing of the training stack.
 """
 
 from __future__ import annotations
 
-# Tag `kind`: what a run is. Confirm runs (the best config of a cell re-run with several seeds)
-# are the seed replicates the tables rank; plain bln-train runs stand in when a sweep has none.
-SWEEP, CELL, TRIAL, CONFIRM, SINGLE = "sweep", "cell", "trial", "confirm", "single"
-TRAINING_KINDS = (TRIAL, CONFIRM, SINGLE)  # runs that trained a model (not parent runs)
-
-# Tag `status`: how a training run ended. Anything else (e.g. "running") counts as running.
-FINISHED, PRUNED, DIVERGED, FAILED, PREEMPTED = (
-    "finished",
-    "pruned",
-    "diverged",
-    "failed",
-    "preempted",
+from bln_sweeps.tracking.contract import (
+    AT_EDGE_TAG,
+    BATCH_MODE,
+    CELL_TAG,
+    DEVICE_TAG,
+    KIND_TAG,
+    LEAKY_TAG,
+    MFU,
+    N_DEVICES_TAG,
+    STATUS_REASON_TAG,
+    STATUS_TAG,
+    SWEEP_TAG,
+    TEST_LOSS,
+    TOKENS_PER_S,
+    TRIAL_TAG,
+    VAL_LOSS,
+    logical_metric_name,
+    loss_metric,
 )
 
 # Tags that become plain columns of the runs frame, with their types; every other tag becomes
 # `tags.<key>`. MLflow's own `mlflow.parentRunId` becomes `parent_run_id`.
 TAG_COLUMNS = {
-    "kind": "str",
-    "status": "str",
-    "status_reason": "str",
-    "sweep": "str",
-    "cell": "str",
-    "trial": "Int64",
-    "leaky": "boolean",
-    "device": "str",
-    "n_devices": "Int64",
-    "at_edge": "str",  # confirm runs: searched keys whose best value is at an edge of the range
+    KIND_TAG: "str",
+    STATUS_TAG: "str",
+    STATUS_REASON_TAG: "str",
+    SWEEP_TAG: "str",
+    CELL_TAG: "str",
+    TRIAL_TAG: "Int64",
+    LEAKY_TAG: "boolean",
+    DEVICE_TAG: "str",
+    N_DEVICES_TAG: "Int64",
+    AT_EDGE_TAG: "str",
 }
-PARENT_TAG = "mlflow.parentRunId"
-RUN_NAME_TAG = "mlflow.runName"
 
 # The grid axes every table has (when the runs carry them), as dotted config paths.
 NORM, BATCH, SEQ, SEED = "norm.name", "batch.size", "seq.len", "seed"
 MAIN_AXES = (NORM, BATCH, SEQ)
 
-HEADLINE_METRIC = "val/loss"  # validation loss with population statistics (model.eval())
-TEST_METRIC = "test/loss"  # the held-out split a sweep's tables report (selection never reads it)
+HEADLINE_METRIC = VAL_LOSS  # validation loss with population statistics (model.eval())
+TEST_METRIC = TEST_LOSS  # the held-out split a sweep's tables report (selection never reads it)
 SPLITS = ("val", "test")  # val: selection (search, pruner); test: reporting
 HOLM_FAMILIES = ("all", "regime")  # one family for the whole table, or one per batch/seq regime
-BATCH_STATS_METRIC = "val/loss@batch"  # train-mode forward: current-batch statistics
-TOKENS_PER_S = "perf/tokens_per_s"
-WALL_S = "perf/wall_s"
-HIGHER_IS_BETTER = ("perf/tokens_per_s", "perf/mfu")
+BATCH_STATS_METRIC = loss_metric("val", BATCH_MODE)  # train-mode forward: current-batch statistics
+HIGHER_IS_BETTER = (TOKENS_PER_S, MFU)
 
 
 class AnalysisError(ValueError):
     """Bad user input (unknown sweep, metric, baseline, empty selection): one line that names
     what was asked for and what exists. The CLI prints it and exits with code 2."""
-
-
-def logical_metric_name(name: str) -> str:
-    """Either spelling -> the logical name: `val/loss:batch` and `val/loss@batch` ->
-    `val/loss@batch`. MLflow forbids '@' in keys, so the store spells it ':'."""
-    return name.replace(":", "@")
-
-
-def stored_metric_key(name: str) -> str:
-    """Either spelling -> the key MLflow stores: `val/loss@batch` -> `val/loss:batch`."""
-    return name.replace("@", ":")
 
 
 def higher_is_better(metric: str) -> bool:

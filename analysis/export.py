@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.contract import BATCH, NORM, SEQ, AnalysisError
+from bln_sweeps.tracking.contract import CONFIRM, TEST_LOSS, VAL_LOSS
 
 FORMATS = ("md", "csv", "tex", "html", "json")
 LEAKY_MARK = "†"
@@ -153,7 +154,7 @@ def display(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
             f"{_g(p)}{' *' if s is not pd.NA and s else ''}" if np.isfinite(p) else "—"
             for p, s in zip(table["p_holm"], table["significant"], strict=True)
         ]
-    for m in [c for c in table.columns if c.startswith(("val/loss", "test/loss"))]:
+    for m in [c for c in table.columns if c.startswith((VAL_LOSS, TEST_LOSS))]:
         cols[m] = [_f(v) for v in table[m]]
         best[m] = _best(table[m], False)
     if "batch_gap" in table:
@@ -219,7 +220,7 @@ def _title(table: pd.DataFrame) -> str:
     a = table.attrs
     metric, baseline = a.get("metric", "metric"), a.get("baseline")
     pct = f"{round(100 * a.get('confidence', 0.95))}%"
-    seeds = "confirm runs" if a.get("replicates") == "confirm" else "runs"
+    seeds = "confirm runs" if a.get("replicates") == CONFIRM else "runs"
     text = f"{metric}: mean ± {pct} t-interval over the seeds of each cell's {seeds}"
     if baseline is not None:
         family = (

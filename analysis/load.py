@@ -4,9 +4,9 @@
     runs[["norm.name", "batch.size", "seed", "kind", "status", "val/loss"]]
 
 Two ways in, one frame out. For a database-backed store (`sqlite:`, `postgresql:`, `mysql:`)
-the tables MLflow keeps (runs, tags, params, latest_metrics; see mlflow/store/tracking/dbmodels)
-are read with four SQL queries: 10,000 runs take about 2 s, where `MlflowClient.search_runs`
-takes about 25 s and stops at 1000 runs unless one pages (mlflow#15814, #2730; BENCHMARKS.md).
+the tables MLflow keeps are read with four SQL queries (analysis._mlflow_sql): 10,000 runs take
+about 2 s, where `MlflowClient.search_runs` takes about 25 s and stops at 1000 runs unless one
+pages (mlflow#15814, #2730; BENCHMARKS.md).
 For a tracking server (`http(s)://`) the client's `search_runs` is paged to the end. A test
 checks that both produce the same frame. Deleted runs are left out, as MLflow does; failed,
 pruned and diverged runs stay in (their `status` tag says how they ended).
@@ -22,22 +22,22 @@ from __future__ import annotations
 
 import os
 import re
-import sqlite3
-from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 
-from analysis.contract import (
+from analysis import _mlflow_sql as sql
+from analysis.contract import TAG_COLUMNS, AnalysisError
+from bln_sweeps.tracking.contract import (
     PARENT_TAG,
     RUN_NAME_TAG,
-    TAG_COLUMNS,
-    AnalysisError,
+    VAL_LOSS,
     logical_metric_name,
     stored_metric_key,
 )
+from bln_sweeps.tracking.uri import SQL_SCHEMES, resolve_tracking_uri
 
 INFO_COLUMNS = (
     "run_id",
@@ -52,12 +52,10 @@ RESERVED = frozenset(INFO_COLUMNS) | frozenset(TAG_COLUMNS)
 PAGE_SIZE = 10_000  # runs per search_runs request on the client path (MLflow allows 50,000)
 VIA = ("auto", "sql", "client")
 
-_SQL_SCHEMES = re.compile(r"^(sqlite|postgresql|postgres|mysql|mssql)(\+\w+)?:")
-
 
 def default_tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the embedded store bln-train writes: ./mlflow.db."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri(None, Path.cwd())
 
 
 def load_runs(
@@ -78,7 +76,7 @@ def load_runs(
     if via not in VIA:
         raise AnalysisError(f"via={via!r}: valid choices: {', '.join(VIA)}")
     if via == "auto":
-        via = "sql" if _SQL_SCHEMES.match(uri) else "client"
+        via = "sql" if SQL_SCHEMES.match(uri) else "client"
         if via == "sql" and _needs_client(filter_string):
             via = "client"
     raw = (
@@ -98,7 +96,7 @@ def load_runs(
 
 def load_history(
     run_ids: list[str],
-    metric: str = "val/loss",
+    metric: str = VAL_LOSS,
     tracking_uri: str | None = None,
     *,
     via: str = "auto",
@@ -108,17 +106,9 @@ def load_history(
     uri = tracking_uri or default_tracking_uri()
     key = stored_metric_key(metric)
     rows: list[tuple] = []
-    if (via == "auto" and _SQL_SCHEMES.match(uri)) or via == "sql":
-        sql = (
-            "SELECT m.run_uuid, m.step, m.timestamp, m.value, m.is_nan FROM metrics m "
-            "WHERE m.key = :key AND m.run_uuid IN ({ids})"
-        )
-        with _sql_connection(uri) as con:
-            for i in range(0, len(run_ids), 500):
-                chunk = list(run_ids[i : i + 500])
-                names = {f"r{j}": r for j, r in enumerate(chunk)}
-                ids = ", ".join(f":{n}" for n in names)
-                rows += _rows(con, sql.format(ids=ids), {"key": key, **names})
+    if (via == "auto" and SQL_SCHEMES.match(uri)) or via == "sql":
+        with sql.connect(uri) as con:
+            rows = sql.metric_history(con, key, run_ids)
         rows = [(r, s, t, float("nan") if nan else v) for r, s, t, v, nan in rows]
     else:
         client = _client(uri)
@@ -137,9 +127,9 @@ def load_history(
 def experiment_names(tracking_uri: str | None = None) -> list[str]:
     """Names of the active experiments in the store (for error messages)."""
     uri = tracking_uri or default_tracking_uri()
-    if _SQL_SCHEMES.match(uri):
-        with _sql_connection(uri) as con:
-            return sorted(e.name for e in _experiments(con))
+    if SQL_SCHEMES.match(uri):
+        with sql.connect(uri) as con:
+            return sorted(e.name for e in sql.experiments(con))
     return sorted(e.name for e in _client(uri).search_experiments())
 
 
@@ -173,43 +163,21 @@ class _Raw:
     metrics: pd.DataFrame  # run_id, key, value (float; NaN where MLflow stored is_nan)
 
 
-_INFO = [
-    "run_id",
-    "run_name",
-    "experiment_id",
-    "mlflow_status",
-    "start_time",
-    "end_time",
-    "user_id",
-    "artifact_uri",
-    "lifecycle_stage",
-]
-_KV = ["run_id", "key", "value"]
-
-_RUNS_SQL = (
-    "SELECT run_uuid, name, experiment_id, status, start_time, end_time, user_id, artifact_uri, "
-    "lifecycle_stage FROM runs WHERE experiment_id = :exp AND lifecycle_stage = 'active'"
-)
-_JOIN = (
-    " t JOIN runs r ON r.run_uuid = t.run_uuid "
-    "WHERE r.experiment_id = :exp AND r.lifecycle_stage = 'active'"
-)
-_PARAMS_SQL = "SELECT t.run_uuid, t.key, t.value FROM params" + _JOIN
-_TAGS_SQL = "SELECT t.run_uuid, t.key, t.value FROM tags" + _JOIN
-_METRICS_SQL = "SELECT t.run_uuid, t.key, t.value, t.is_nan FROM latest_metrics" + _JOIN
+_INFO = list(sql.RUN_COLUMNS)
+_KV = list(sql.KV_COLUMNS)
 
 
 def _read_sql(uri: str, experiment: str) -> _Raw:
-    with _sql_connection(uri) as con:
-        exps = _experiments(con)
+    with sql.connect(uri) as con:
+        exps = sql.experiments(con)
         match = [e for e in exps if e.name == experiment]
         if not match:
             raise AnalysisError(_no_experiment(experiment, uri, [e.name for e in exps]))
-        exp = {"exp": int(match[0].experiment_id)}
-        info = pd.DataFrame(_rows(con, _RUNS_SQL, exp), columns=_INFO)
-        params = pd.DataFrame(_rows(con, _PARAMS_SQL, exp), columns=_KV)
-        tags = pd.DataFrame(_rows(con, _TAGS_SQL, exp), columns=_KV)
-        metrics = pd.DataFrame(_rows(con, _METRICS_SQL, exp), columns=[*_KV, "is_nan"])
+        runs, params, tags, metrics = sql.run_tables(con, match[0].experiment_id)
+    info = pd.DataFrame(runs, columns=_INFO)
+    params = pd.DataFrame(params, columns=_KV)
+    tags = pd.DataFrame(tags, columns=_KV)
+    metrics = pd.DataFrame(metrics, columns=list(sql.METRIC_COLUMNS))
     info["experiment_id"] = info["experiment_id"].astype(str)
     metrics["value"] = metrics["value"].astype("float64").where(~metrics.pop("is_nan").astype(bool))
     return _Raw(
@@ -402,64 +370,11 @@ def _cast_tag(col: pd.Series, dtype: str) -> pd.Series:
 # Connections
 
 
-@contextmanager
-def _sql_connection(uri: str):
-    """A read-only DB-API connection (sqlite3) or SQLAlchemy connection for a database URI."""
-    if uri.startswith("sqlite:"):
-        path = _sqlite_file(uri)
-        # mode=ro: never create a store where there is none, never write to one that exists.
-        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as con:
-            yield con
-        return
-    if uri.startswith("sqlite+"):  # SQLite through a named SQLAlchemy driver
-        _sqlite_file(uri)
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(uri)
-    try:
-        with engine.connect() as con:
-            yield con
-    finally:
-        engine.dispose()
-
-
-def _sqlite_file(uri: str) -> Path:
-    """The database file of a sqlite[+driver]:///<path> URI; it must exist."""
-    rest = re.sub(r"^sqlite(\+\w+)?:///", "", uri.split("?", 1)[0], count=1)
-    rest = "" if rest == uri.split("?", 1)[0] else rest
-    if not rest or rest == ":memory:":
-        raise AnalysisError(f"tracking URI {uri!r}: give the SQLite file, sqlite:///<path>")
-    path = Path(rest).expanduser().resolve()
-    if not path.is_file():
-        raise AnalysisError(f"no MLflow store at {path} (tracking URI {uri!r})")
-    return path
-
-
-def _rows(con, sql: str, params: dict) -> list[tuple]:
-    if isinstance(con, sqlite3.Connection):
-        return con.execute(sql, params).fetchall()
-    import sqlalchemy
-
-    return [tuple(r) for r in con.execute(sqlalchemy.text(sql), params)]
-
-
-def _experiments(con) -> list[SimpleNamespace]:
-    """Active experiments of the store's default workspace (MLflow 3.17 added workspaces)."""
-    sql = "SELECT experiment_id, name, lifecycle_stage FROM experiments"
-    try:
-        rows = _rows(con, sql + " WHERE workspace = 'default'", {})
-    except Exception:  # an older schema, without the workspace column
-        if not isinstance(con, sqlite3.Connection):
-            con.rollback()
-        rows = _rows(con, sql, {})
-    return [SimpleNamespace(experiment_id=i, name=n) for i, n, stage in rows if stage == "active"]
-
-
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite"):
-        _sqlite_file(uri)  # MlflowClient would create an empty store
+        sql.sqlite_file(uri)  # MlflowClient would create an empty store
     return MlflowClient(tracking_uri=uri)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.contract import BATCH, NORM, SEQ
+from bln_sweeps.tracking.contract import CONFIRM, TOKENS_PER_S, VAL_LOSS, split_metric
 
 AXIS_TITLES = {
     BATCH: "micro-batch size (sequences per forward pass)",
@@ -123,7 +124,7 @@ def learning_curves(history: pd.DataFrame, table: pd.DataFrame, runs: pd.DataFra
     if runs is not None:
         axes = [a for a in table.attrs.get("axes", []) if a in runs]
         history = history.merge(runs[["run_id", *axes]], on="run_id", how="left")
-    metric = history.attrs.get("metric", "val/loss")
+    metric = history.attrs.get("metric", VAL_LOSS)
     panels = _facets(history, exclude=None, regime=_regime(table))
     fig, axs = _figure(len(panels))
     colors, variants = _colors(table), _variants(table)
@@ -142,7 +143,7 @@ def learning_curves(history: pd.DataFrame, table: pd.DataFrame, runs: pd.DataFra
         ax.set_title(panel, fontsize=10)
         ax.grid(alpha=0.3)
     _legend_outside(fig, axs)
-    kind = "confirm runs" if table.attrs.get("replicates", "confirm") == "confirm" else "seed runs"
+    kind = "confirm runs" if table.attrs.get("replicates", CONFIRM) == CONFIRM else "seed runs"
     _title(fig, f"{metric} during training", f"{kind}; thin: one seed, thick: seed mean")
     return fig
 
@@ -297,11 +298,12 @@ def _legend(label: str, rows: pd.DataFrame | None) -> str:
 
 
 def _metric_label(metric: str) -> str:
-    if metric == "val/loss":
+    if metric == VAL_LOSS:
         return "validation loss, population stats (nats/token)"
-    if metric.startswith("val/loss@"):
-        return f"validation loss, {metric.split('@', 1)[1]} (nats/token)"
-    if metric == "perf/tokens_per_s":
+    base, mode = split_metric(metric)
+    if base == VAL_LOSS and mode is not None:
+        return f"validation loss, {mode} (nats/token)"
+    if metric == TOKENS_PER_S:
         return "throughput (tokens/s)"
     return metric
 

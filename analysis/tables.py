@@ -22,29 +22,37 @@ import numpy as np
 import pandas as pd
 
 from analysis.contract import (
-    CONFIRM,
-    DIVERGED,
-    FAILED,
-    FINISHED,
     HEADLINE_METRIC,
     HOLM_FAMILIES,
     NORM,
-    PRUNED,
     SEED,
-    SINGLE,
-    TOKENS_PER_S,
-    TRAINING_KINDS,
-    TRIAL,
-    WALL_S,
     AnalysisError,
     higher_is_better,
-    logical_metric_name,
 )
 from analysis.contract import MAIN_AXES as _MAIN_AXES
 from analysis.load import column_kinds
 from analysis.stats import compare, holm, summarize
+from bln_sweeps.tracking.contract import (
+    CONFIRM,
+    DIVERGED,
+    FAILED,
+    FINISHED,
+    KIND_TAG,
+    PRUNED,
+    RUN_FINISHED,
+    RUN_RUNNING,
+    RUNNING,
+    SINGLE,
+    STATUS_TAG,
+    TEST_LOSS,
+    TOKENS_PER_S,
+    TRAINING_KINDS,
+    TRIAL,
+    VAL_LOSS,
+    WALL_S,
+    logical_metric_name,
+)
 
-RUNNING = "running"
 _ROW_COLUMNS = {
     "cell",
     "leaky",
@@ -89,7 +97,9 @@ def comparison_table(
         )
     kinds = column_kinds(runs)
     params = kinds["params"]
-    kind = runs["kind"].fillna(SINGLE) if "kind" in runs else pd.Series(SINGLE, index=runs.index)
+    kind = (
+        runs[KIND_TAG].fillna(SINGLE) if KIND_TAG in runs else pd.Series(SINGLE, index=runs.index)
+    )
     train = runs[kind.isin(TRAINING_KINDS)].copy()
     if train.empty:
         counts = ", ".join(f"{k}: {n}" for k, n in kind.value_counts().sort_index().items())
@@ -180,13 +190,13 @@ def pivot(table: pd.DataFrame, column: str, values: str = "mean") -> pd.DataFram
 def _outcomes(train: pd.DataFrame) -> pd.Series:
     """How each training run ended: finished, pruned, diverged, failed or running. The `status`
     tag says it; a run without one falls back to MLflow's own run status."""
-    tag = train["status"] if "status" in train else pd.Series(pd.NA, index=train.index)
+    tag = train[STATUS_TAG] if STATUS_TAG in train else pd.Series(pd.NA, index=train.index)
     mlflow = (
         train["mlflow_status"] if "mlflow_status" in train else pd.Series("", index=train.index)
     )
     done = tag.isin([FINISHED, PRUNED, DIVERGED]).to_numpy(bool)
-    running = (mlflow == "RUNNING").to_numpy(bool)  # incl. a preempted run resumed since
-    untagged_ok = (tag.isna() & (mlflow == "FINISHED")).to_numpy(bool)
+    running = (mlflow == RUN_RUNNING).to_numpy(bool)  # incl. a preempted run resumed since
+    untagged_ok = (tag.isna() & (mlflow == RUN_FINISHED)).to_numpy(bool)
     out = np.select(
         [done, running, untagged_ok],
         [tag.astype(object).to_numpy(), RUNNING, FINISHED],
@@ -437,7 +447,7 @@ def _column_order(table: pd.DataFrame, axes: list[str]) -> list[str]:
 
 def _is_split_loss(column: str) -> bool:
     """A held-out loss column: `val/loss...` (selection) or `test/loss...` (reporting)."""
-    return column.startswith(("val/loss", "test/loss"))
+    return column.startswith((VAL_LOSS, TEST_LOSS))
 
 
 def _at_edge(reps: pd.DataFrame) -> str:

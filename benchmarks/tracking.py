@@ -29,7 +29,8 @@ def main() -> None:
 
     from mlflow.entities import Metric
 
-    from bln_sweeps.tracking import RunLogger, metric_key, tracking_client
+    from bln_sweeps.tracking import RunLogger, tracking_client
+    from bln_sweeps.tracking.contract import metric_key
 
     uri = args.uri or f"sqlite:///{Path(tempfile.mkdtemp()) / 'mlflow.db'}"
     names = [f"train/m{i}" for i in range(args.metrics - 1)] + ["val/loss@batch"]

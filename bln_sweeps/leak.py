@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from bln_sweeps.evaluate import frozen_buffers
+from bln_sweeps.tracking.contract import LEAKY_TAG
 
 LEAK_ATOL = 1e-5  # |delta logit| below this is never a leak (fp32 logits are O(1..10))
 NOISE_FACTOR = 8.0  # a leak must stand this far above the run-to-run noise of the same batch
@@ -150,7 +151,7 @@ def summary(reports: list[dict]) -> dict[str, str]:
     measured = any(r["leaked"] for r in reports)
     mismatch = any(r["leaked"] == r["declared_causal"] for r in reports)
     return {
-        "leaky": str(measured).lower(),
+        LEAKY_TAG: str(measured).lower(),
         "leak.measured": str(measured).lower(),
         "leak.max_delta": f"{worst['max_delta']:.6g}",
         "leak.step": str(worst["step"]),

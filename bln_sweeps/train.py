@@ -34,9 +34,33 @@ from bln_sweeps.norms import NORMS, build_norm
 from bln_sweeps.tracking import (
     RunLogger,
     ends_runs_on_error,
-    flatten_config,
     provenance_tags,
     resolve_tracking_uri,
+)
+from bln_sweeps.tracking.contract import (
+    DEVICE_TAG,
+    DIVERGED,
+    FAILED,
+    FINISHED,
+    KIND_TAG,
+    LEAKY_TAG,
+    MFU,
+    N_DEVICES_TAG,
+    PREEMPTED,
+    PRUNED,
+    RUN_FAILED,
+    RUN_FINISHED,
+    RUN_KILLED,
+    RUNNING,
+    SINGLE,
+    STATUS_REASON_TAG,
+    STATUS_TAG,
+    TOKENS_PER_S,
+    TRAIN_GRAD_NORM,
+    TRAIN_LOSS,
+    TRAIN_LR,
+    WALL_S,
+    flatten_config,
 )
 
 # Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU rather than a guess.
@@ -146,8 +170,8 @@ def pick_device(cfg: RunConfig) -> torch.device:
 
 def device_tags(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
-        return {"device": f"cuda:{torch.cuda.get_device_name(device)}", "n_devices": "1"}
-    return {"device": "cpu", "n_devices": "1", "cpu_threads": str(torch.get_num_threads())}
+        return {DEVICE_TAG: f"cuda:{torch.cuda.get_device_name(device)}", N_DEVICES_TAG: "1"}
+    return {DEVICE_TAG: "cpu", N_DEVICES_TAG: "1", "cpu_threads": str(torch.get_num_threads())}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -203,7 +227,7 @@ def run(
     run_dir = Path(run_dir or Path(cfg.train.out_dir) / run_key(cfg))
     ckpt_path = run_dir / checkpoint.CKPT_NAME
     state = checkpoint.load(ckpt_path) if cfg.train.resume else None
-    if state is not None and state["status"] != "running":
+    if state is not None and state["status"] != RUNNING:
         return state["result"]
 
     torch.manual_seed(cfg.seed)
@@ -266,13 +290,13 @@ def run(
             tags={
                 **provenance_tags(),
                 **device_tags(device),
-                "leaky": str(leaky).lower(),  # declared; the leak probe's measurement replaces it
+                LEAKY_TAG: str(leaky).lower(),  # declared; the leak probe's measurement replaces it
                 **(leak.summary(history["leak"]) if history.get("leak") else {}),
-                "kind": "single",
+                KIND_TAG: SINGLE,
                 "run_key": run_key(cfg),
                 "n_ranks": str(world),
                 "n_params": str(model.num_params()),
-                "status": "running",
+                STATUS_TAG: RUNNING,
                 **(tags or {}),
             },
             parent_run_id=parent_run_id,
@@ -333,7 +357,7 @@ def run(
     diverge_at = cfg.train.diverge_loss or 2 * math.log(cfg.model.vocab_size)
     flops_per_step = model.flops_per_token(cfg.seq.len) * tokens_per_step
     peak = peak_flops(device)
-    status, reason, metrics = "finished", "", {}
+    status, reason, metrics = FINISHED, "", {}
     t_start, t_window, window_steps = time.perf_counter(), time.perf_counter(), 0
     wall_before = history.get("wall_s", 0.0)
     try:
@@ -364,7 +388,7 @@ def run(
                 history["train_loss"].append(train_loss)
 
                 if not math.isfinite(train_loss) or train_loss > diverge_at:
-                    status = "diverged"
+                    status = DIVERGED
                     reason = f"train loss {train_loss:.4g} at step {step} (limit {diverge_at:.3g})"
                     break
                 if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
@@ -372,10 +396,10 @@ def run(
                         torch.cuda.synchronize()
                     dt = time.perf_counter() - t_window
                     tps = window_steps * tokens_per_step / dt
-                    m = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm}
-                    m["perf/tokens_per_s"] = tps
+                    m = {TRAIN_LOSS: train_loss, TRAIN_LR: lr, TRAIN_GRAD_NORM: grad_norm}
+                    m[TOKENS_PER_S] = tps
                     if peak:
-                        m["perf/mfu"] = flops_per_step * window_steps / dt / peak
+                        m[MFU] = flops_per_step * window_steps / dt / peak
                     logger.log_metrics(m, step=step)
                     t_window, window_steps = time.perf_counter(), 0
                 if step % cfg.train.eval_interval == 0 or step == cfg.train.steps:
@@ -386,34 +410,34 @@ def run(
                     stop = distributed.from_rank0(stop)  # rank 0 talks to the pruner
                     t_window, window_steps = time.perf_counter(), 0  # eval is not training time
                     if stop:
-                        status, reason = "pruned", stop
+                        status, reason = PRUNED, stop
                         break
                 history["wall_s"] = wall_before + time.perf_counter() - t_start
                 received = distributed.signal_on_any_rank(signals.received)
                 if received is not None:
-                    save("running")
-                    logger.set_tags({"status": "preempted", "status_reason": "signal"})
-                    logger.end("KILLED")
+                    save(RUNNING)
+                    logger.set_tags({STATUS_TAG: PREEMPTED, STATUS_REASON_TAG: "signal"})
+                    logger.end(RUN_KILLED)
                     raise checkpoint.Preempted(step, received, ckpt_path)
                 ckpt_every = cfg.train.checkpoint_interval
                 if ckpt_every and step % ckpt_every == 0 and step < cfg.train.steps:
-                    save("running")
+                    save(RUNNING)
                     t_window = time.perf_counter()  # the save is not training time
     except checkpoint.Preempted:
         raise
     except BaseException as e:
-        logger.set_tags({"status": "failed", "status_reason": f"{type(e).__name__}: {e}"[:500]})
-        logger.end("FAILED")
+        logger.set_tags({STATUS_TAG: FAILED, STATUS_REASON_TAG: f"{type(e).__name__}: {e}"[:500]})
+        logger.end(RUN_FAILED)
         raise
 
-    if status == "finished" and step not in history["eval_step"]:
+    if status == FINISHED and step not in history["eval_step"]:
         metrics = eval_now(("val", "test"))
     wall = history.get("wall_s", 0.0)
-    logger.log_metrics({"perf/wall_s": wall}, step=step)
+    logger.log_metrics({WALL_S: wall}, step=step)
     result = {**metrics, "status": status, "step": step, "run_id": logger.run_id, "wall_s": wall}
     if reason:
         result["status_reason"] = reason
-    logger.set_tags({"status": status, **({"status_reason": reason} if reason else {})})
+    logger.set_tags({STATUS_TAG: status, **({STATUS_REASON_TAG: reason} if reason else {})})
     if cfg.tracking.enabled and distributed.is_rank0():
         run_dir.mkdir(parents=True, exist_ok=True)
         plot = run_dir / "loss_curve.png"
@@ -425,7 +449,7 @@ def run(
         cfg_yaml.write_text(OmegaConf.to_yaml(mask_tree(asdict(cfg))))  # no URL password
         logger.log_artifact(cfg_yaml)
     save(status, result)
-    logger.end("FAILED" if status == "diverged" else "FINISHED")  # pruned ends normally
+    logger.end(RUN_FAILED if status == DIVERGED else RUN_FINISHED)  # pruned ends normally
     return result
 
 

@@ -192,6 +192,8 @@ MODEL_KEYS = ("name", "n_embd", "n_layer", "vocab_size", "bias")
 def _sqlite_rows(db: Path) -> list:
     import sqlite3
 
+    from bln_sweeps.tracking.contract import DEVICE_TAG, RUN_FINISHED, TOKENS_PER_S, metric_key
+
     if not db.is_file():
         return []
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
@@ -201,10 +203,10 @@ def _sqlite_rows(db: Path) -> list:
             f"""
             select m.run_uuid, m.value, p.key, p.value, t.value
             from latest_metrics m
-            join runs r on r.run_uuid = m.run_uuid and r.status = 'FINISHED'
+            join runs r on r.run_uuid = m.run_uuid and r.status = '{RUN_FINISHED}'
             join params p on p.run_uuid = m.run_uuid and p.key in ({keys}, 'seq.len')
-            left join tags t on t.run_uuid = m.run_uuid and t.key = 'device'
-            where m.key = 'perf/tokens_per_s'
+            left join tags t on t.run_uuid = m.run_uuid and t.key = '{DEVICE_TAG}'
+            where m.key = '{metric_key(TOKENS_PER_S)}'
             """
         ).fetchall()
     finally:
@@ -223,15 +225,15 @@ def _server_rows(uri: str) -> list:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     from mlflow.tracking import MlflowClient
 
+    from bln_sweeps.tracking.contract import DEVICE_TAG, RUN_FINISHED, TOKENS_PER_S, metric_key
+
+    tps = metric_key(TOKENS_PER_S)
     client = MlflowClient(tracking_uri=uri)
     ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
-        ids, "metrics.`perf/tokens_per_s` > 0 and attributes.status = 'FINISHED'", max_results=500
+        ids, f"metrics.`{tps}` > 0 and attributes.status = '{RUN_FINISHED}'", max_results=500
     )
-    return [
-        _row(r.data.params, r.data.metrics["perf/tokens_per_s"], r.data.tags.get("device", ""))
-        for r in runs
-    ]
+    return [_row(r.data.params, r.data.metrics[tps], r.data.tags.get(DEVICE_TAG, "")) for r in runs]
 
 
 def _row(params: dict, tokens_per_s: float, device: str) -> tuple:

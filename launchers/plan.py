@@ -19,6 +19,7 @@ from bln_sweeps.config import (
     validate,
 )
 from bln_sweeps.sweep.space import parse_space
+from bln_sweeps.tracking.contract import VAL_LOSS
 
 
 @dataclass
@@ -111,7 +112,7 @@ def check_settings(cfg: SweepConfig) -> None:
     from bln_sweeps.sweep.space import make_pruner, make_sampler
 
     make_sampler(asdict(s)), make_pruner(asdict(s))  # unknown names fail here, not in a worker
-    if not s.metric.startswith("val/loss"):
+    if not s.metric.startswith(VAL_LOSS):
         raise ConfigError(
             "search.metric", s.metric, "a validation loss: val/loss or val/loss@<mode>"
         )

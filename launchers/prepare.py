@@ -91,7 +91,7 @@ def prepare(plan: Plan, command: str) -> Manifest:
     import optuna
 
     from bln_sweeps.sweep.space import open_storage, study_names
-    from bln_sweeps.tracking import mask_credentials
+    from bln_sweeps.tracking.contract import CELL, CELL_TAG, KIND_TAG, SWEEP, mask_credentials
     from launchers.ui import prepare_experiment
 
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -101,13 +101,13 @@ def prepare(plan: Plan, command: str) -> Manifest:
     uri = old.tracking_uri or tracking_uri(plan)
     storage = open_storage(plan.storage_url, plan.sweep_dir)
     # a driver killed before it wrote the manifest left its runs behind: adopt them, by tag
-    sweep_run = old.mlflow_run_id or unfinished_run(uri, plan.sweep, "sweep")
+    sweep_run = old.mlflow_run_id or unfinished_run(uri, plan.sweep, SWEEP)
     if sweep_run is None:
         sweep_run = start_run(
             uri,
             plan.sweep,
             f"sweep {plan.sweep}",
-            {"kind": "sweep"},
+            {KIND_TAG: SWEEP},
             description=f"`{mask_credentials(command)}`",
         )
     old_runs = {c.name: c.mlflow_run_id for c in old.cells}
@@ -115,9 +115,9 @@ def prepare(plan: Plan, command: str) -> Manifest:
     for cell in plan.cells:
         for name in study_names(plan.sweep, cell["name"]):
             optuna.create_study(study_name=name, storage=storage, load_if_exists=True)
-        run_id = old_runs.get(cell["name"]) or unfinished_run(uri, plan.sweep, "cell", cell["name"])
+        run_id = old_runs.get(cell["name"]) or unfinished_run(uri, plan.sweep, CELL, cell["name"])
         if run_id is None:
-            tags = {"kind": "cell", "cell": cell["name"]}
+            tags = {KIND_TAG: CELL, CELL_TAG: cell["name"]}
             run_id = start_run(uri, plan.sweep, cell["name"], tags, parent_run_id=sweep_run)
         cells.append(Cell(cell["name"], cell["overrides"], cell["space"], run_id))
     prepare_experiment(uri, plan.sweep, plan.search["metric"])  # the UI's saved "bln sweep" view
@@ -141,14 +141,16 @@ def prepare(plan: Plan, command: str) -> Manifest:
 def start_run(uri: str, sweep: str, name: str, tags: dict, **kwargs) -> str:
     """A new parent run (the sweep's or a cell's), tagged with its sweep; its id."""
     from bln_sweeps.tracking import RunLogger
+    from bln_sweeps.tracking.contract import SWEEP_TAG
 
-    logger = RunLogger.start(uri, sweep, run_name=name, tags={"sweep": sweep, **tags}, **kwargs)
+    logger = RunLogger.start(uri, sweep, run_name=name, tags={SWEEP_TAG: sweep, **tags}, **kwargs)
     return logger.run_id
 
 
 def unfinished_run(uri: str, sweep: str, kind: str, cell: str | None = None) -> str | None:
     """The id of the sweep's (or a cell's) MLflow run that is still RUNNING, if any."""
     from bln_sweeps.tracking import tracking_client
+    from bln_sweeps.tracking.contract import CELL_TAG, KIND_TAG, RUN_RUNNING, SWEEP_TAG
 
     client = tracking_client(uri)
     exp = client.get_experiment_by_name(sweep)
@@ -156,8 +158,8 @@ def unfinished_run(uri: str, sweep: str, kind: str, cell: str | None = None) -> 
         return None
     from bln_sweeps.names import filter_string
 
-    where = {"tags.kind": kind, "tags.sweep": sweep, "attributes.status": "RUNNING"}
-    query = filter_string({**where, **({"tags.cell": cell} if cell is not None else {})})
+    where = {f"tags.{KIND_TAG}": kind, f"tags.{SWEEP_TAG}": sweep, "attributes.status": RUN_RUNNING}
+    query = filter_string({**where, **({f"tags.{CELL_TAG}": cell} if cell is not None else {})})
     runs = client.search_runs([exp.experiment_id], query, max_results=1)
     return runs[0].info.run_id if runs else None
 

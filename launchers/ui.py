@@ -176,20 +176,22 @@ def view_state(metric: str) -> dict:
     Keys as the MLflow UI writes them: a column is `<type>.`<key>``, the table's state is its
     search facets plus its UI state (mlflow/server/js: experiment-page state, 3.15+).
     """
+    from bln_sweeps.tracking.contract import LEAKY_TAG, STATUS_TAG, TRIAL_TAG
+
     columns = [
         f"metrics.`{metric}`",
         "params.`norm.name`",
         "params.`batch.size`",
         "params.`seq.len`",
         "params.`optim.lr`",
-        "tags.`leaky`",
-        "tags.`status`",
+        f"tags.`{LEAKY_TAG}`",
+        f"tags.`{STATUS_TAG}`",
     ]
     return {
         "orderByKey": f"metrics.`{metric}`",
         "orderByAsc": True,
         # trial and confirm runs only, flat: the sweep and cell parent runs carry no metrics
-        "searchFilter": "tags.`trial` IS NOT NULL",
+        "searchFilter": f"tags.`{TRIAL_TAG}` IS NOT NULL",
         "selectedColumns": columns,
         "columnOrder": columns,
         "runsHiddenMode": "SHOW_ALL",  # charts show every run of the sweep, not the first 10
@@ -212,7 +214,8 @@ def save_view(client, experiment_id: str, metric: str) -> None:
 
 
 def prepare_experiment(uri: str, sweep: str, metric: str) -> str:
-    from bln_sweeps.tracking import metric_key, tracking_client
+    from bln_sweeps.tracking import tracking_client
+    from bln_sweeps.tracking.contract import metric_key
 
     client = tracking_client(uri)
     exp = client.get_experiment_by_name(sweep)
@@ -356,7 +359,9 @@ def run(argv: list[str]) -> int:
         sweep_dir = find_sweep(name)
         manifest = read_manifest(sweep_dir)
         uri = manifest["tracking_uri"]
-        metric = manifest.get("search", {}).get("metric", "val/loss")
+        from bln_sweeps.tracking.contract import VAL_LOSS
+
+        metric = manifest.get("search", {}).get("metric", VAL_LOSS)
         remote = uri.startswith(("http://", "https://"))
         if not remote and not loopback:
             print(

@@ -315,7 +315,8 @@ def test_jobs_run_the_code_snapshot_taken_at_submit(tmp_path):
     # an "edit" that exists only in the snapshot: the job must see it, i.e. import the snapshot
     (snap / "bln_sweeps" / "marker.py").write_text("WHERE = 'snapshot'\n")
     probe = (
-        "import bln_sweeps, bln_sweeps.marker as m; from bln_sweeps.tracking import _git_tags;"
+        "import bln_sweeps, bln_sweeps.marker as m;"
+        "from bln_sweeps.tracking.provenance import _git_tags;"
         "from bln_sweeps.config import CONF_DIR; import json;"
         "print(json.dumps([bln_sweeps.__file__, m.WHERE, str(CONF_DIR), _git_tags()]))"
     )

@@ -16,18 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from bln_sweeps import tracking
 from bln_sweeps.tracking import (
-    LOST_METRICS_TAG,
     Retry,
     RunLogger,
+    contract,
     find_runs,
-    flatten_config,
     is_secret_name,
-    logical_metric_name,
-    metric_key,
+    provenance,
     provenance_tags,
     resolve_tracking_uri,
+)
+from bln_sweeps.tracking.contract import (
+    LOST_METRICS_TAG,
+    flatten_config,
+    logical_metric_name,
+    metric_key,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +156,7 @@ def test_flatten_config_masks_credentials_in_urls():
 
 def test_flatten_config_truncates_long_values_visibly():
     value = flatten_config({"data": {"path": "x" * 7000}})["data.path"]
-    assert len(value) == tracking.MAX_PARAM_VAL_LENGTH  # MLflow's limit, 6000 in 3.17
+    assert len(value) == contract.MAX_PARAM_VAL_LENGTH  # MLflow's limit, 6000 in 3.17
     assert value.startswith("xxx") and value.endswith("...<truncated: 7000 chars>")
 
 
@@ -226,7 +229,7 @@ def slurm_env(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     # even a secret listed as a tag source is never read
-    monkeypatch.setitem(tracking._ENV_TAGS, "MY_API_TOKEN", "api_token")
+    monkeypatch.setitem(provenance._ENV_TAGS, "MY_API_TOKEN", "api_token")
 
 
 def test_provenance_tags(slurm_env):

@@ -20,6 +20,21 @@ from bln_sweeps.sweep.retries import Heartbeat, reap_dead_trials, retry_after_in
 from bln_sweeps.sweep.space import make_pruner, make_sampler, open_storage, study_names
 from bln_sweeps.sweep.stop import stop_requested
 from bln_sweeps.sweep.trial_config import TrialConfigs
+from bln_sweeps.tracking.contract import (
+    AT_EDGE_TAG,
+    CELL_TAG,
+    CONFIRM,
+    FAILED,
+    FINISHED,
+    KIND_TAG,
+    OPTUNA_STUDY_TAG,
+    PRUNED,
+    RUN_FINISHED,
+    RUN_RUNNING,
+    SWEEP_TAG,
+    TRIAL,
+    TRIAL_TAG,
+)
 
 
 @dataclass
@@ -286,12 +301,12 @@ class Worker:
         from bln_sweeps.train import run
 
         tags = {
-            "sweep": self.manifest.sweep,
-            "cell": job.cell.name,
-            "trial": str(job.trial.number),
-            "kind": "confirm" if job.confirm else "trial",
-            "optuna.study": job.study.study_name,
-            **({"at_edge": job.at_edge} if job.confirm else {}),
+            SWEEP_TAG: self.manifest.sweep,
+            CELL_TAG: job.cell.name,
+            TRIAL_TAG: str(job.trial.number),
+            KIND_TAG: CONFIRM if job.confirm else TRIAL,
+            OPTUNA_STUDY_TAG: job.study.study_name,
+            **({AT_EDGE_TAG: job.at_edge} if job.confirm else {}),
         }
         trial_id = optuna_internals.trial_id(job.trial)
         with Heartbeat(job.study, trial_id, self.sweep_dir):
@@ -336,7 +351,7 @@ class Worker:
 
         if retry_after_infrastructure_error(job.study, job.trial, job.run_dir, job.seed, e):
             return
-        job.trial.set_user_attr("status", "failed")
+        job.trial.set_user_attr("status", FAILED)
         job.trial.set_user_attr("status_reason", mask_text(f"{type(e).__name__}: {e}")[:500])
         job.study.tell(job.trial, state=TrialState.FAIL)
 
@@ -346,9 +361,9 @@ class Worker:
         trial, study = job.trial, job.study
         trial.set_user_attr("status", result["status"])
         trial.set_user_attr("mlflow_run_id", result.get("run_id"))
-        if result["status"] == "finished":
+        if result["status"] == FINISHED:
             study.tell(trial, result[self.search["metric"]])
-        elif result["status"] == "pruned":
+        elif result["status"] == PRUNED:
             study.tell(trial, state=TrialState.PRUNED)
         else:
             trial.set_user_attr("status_reason", result.get("status_reason", ""))
@@ -388,5 +403,5 @@ def close_parent_runs(manifest: Manifest) -> None:
 
     client = tracking_client(manifest.tracking_uri)
     for run_id in [c.mlflow_run_id for c in manifest.cells] + [manifest.mlflow_run_id]:
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "FINISHED")
+        if run_id and client.get_run(run_id).info.status == RUN_RUNNING:
+            client.set_terminated(run_id, RUN_FINISHED)

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from bln_sweeps.sweep.manifest import load_manifest
-from bln_sweeps.tracking import LOST_METRICS_TAG, metric_key
+from bln_sweeps.tracking.contract import LOST_METRICS_TAG, metric_key
 from tests.faults.conftest import assert_sweep_intact, bln_sweep
 
 STEPS, EVAL_EVERY = 4, 2

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from bln_sweeps.tracking import LOST_METRICS_TAG, metric_key
+from bln_sweeps.tracking.contract import LOST_METRICS_TAG, metric_key
 from tests.faults.conftest import quiet_env, wait_for
 
 OUTAGE_S = 30

@@ -1,0 +1,50 @@
+"""Reading runs back: every run of an experiment (all pages), and a run to resume.
+
+runs = find_runs(uri, "default", "tags.kind = 'cell'")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bln_sweeps.tracking.contract import RUN_RUNNING
+from bln_sweeps.tracking.uri import tracking_client
+
+
+def find_runs(uri: str, experiment: str, filter_string: str = "", order_by=None) -> list:
+    """Every run of `experiment` matching `filter_string` (all pages: MlflowClient.search_runs
+    alone stops at 1000 runs without a warning)."""
+    client = tracking_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"experiment {experiment!r} not in {uri}; there are: {', '.join(names)}")
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [exp.experiment_id],
+            filter_string,
+            max_results=1000,
+            order_by=order_by,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def resume_run(client: Any, run_id: str, uri: str):
+    """Run `run_id` of the store, set RUNNING again; ValueError (one line) if it is gone."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ValueError(f"run_id={run_id!r} to resume is not in the tracking store {uri}") from e
+    if run.info.lifecycle_stage != "active":
+        raise ValueError(f"run_id={run_id!r} to resume is deleted in {uri}")
+    client.update_run(run_id, status=RUN_RUNNING)
+    return run
