@@ -30,16 +30,16 @@ import torch._dynamo
 from machine import describe
 from norms import write_section
 
-from bln_sweeps.model import GPT, gpt_config
+from bln_sweeps.build import flavour, peak_flops
+from bln_sweeps.model import GPT
 from bln_sweeps.norms import build_norm
-from bln_sweeps.train import peak_flops
 
 NORMS = ("layernorm", "rmsnorm", "batchnorm", "bln", "powernorm", "dyt")
 HEADING = "## GPU: GPT-2 124M training, bf16, compiled (benchmarks/gpu.py)"
 
 
 def norm_options(name: str, batch: int, max_len: int, n_head: int) -> dict:
-    """What train.norm_factory derives from a run: BLN's m is the micro-batch, PowerNorm's groups
+    """What build.norm_factory derives from a run: BLN's m is the micro-batch, PowerNorm's groups
     the heads."""
     return {"bln": {"batch_size": batch, "max_len": max_len}, "powernorm": {"groups": n_head}}.get(
         name, {}
@@ -53,7 +53,7 @@ def sync(device: torch.device) -> None:
 
 def model_cells(args, device: torch.device, deadline: float) -> list[dict]:
     """Tokens/s, MFU and peak memory of every (norm, seq)."""
-    config = gpt_config(args.model, block_size=max(args.seqs))
+    config = flavour(args.model, block_size=max(args.seqs))
     peak = peak_flops(device)
     rows = []
     for name in args.norms:

@@ -118,7 +118,8 @@ def stamps(trials) -> list[tuple[float, float]]:
 
 def compose_run(overrides: list[str], lr: float, out: str, tracking: str | None = None):
     """A run config; tracking off, or into the MLflow store `tracking` (as bln-sweep tracks)."""
-    from bln_sweeps.config import compose, to_run_config, validate
+    from bln_sweeps.compose import compose
+    from bln_sweeps.config import to_run_config, validate
 
     cfg = validate(
         to_run_config(compose([*overrides, f"optim.lr={lr!r}", f"train.out_dir={out}"], "train"))

@@ -95,7 +95,8 @@ def model_comparison(repeats: int, steps: int) -> dict[str, float]:
 
 
 def tracking_overhead(repeats: int, steps: int) -> dict[str, float]:
-    from bln_sweeps.config import compose, to_run_config, validate
+    from bln_sweeps.compose import compose
+    from bln_sweeps.config import to_run_config, validate
     from bln_sweeps.train import run
 
     tmp = Path(tempfile.mkdtemp())

@@ -1,24 +1,22 @@
 """The `bln-train` command line: validate every grid point first, then hand over to Hydra.
 
+    bln-train norm=bln batch=b16 seq=s2048 optim.lr=3e-4
+    bln-train -m norm=layernorm,bln batch=b4,b32          # a Hydra grid, basic launcher
+
 Hydra reports a bad override with a traceback-style message and exit code 1 (and, in a multirun,
 only when it reaches the bad job). Here every combination the command line expands to is composed
 and validated up front, including the norm options (by building one norm module), so bad input is
-one line naming the key and the valid choices, exit code 2, before any run is created.
+one line naming the key and the valid choices, exit code 2, before any run is created. Then the
+module-level Hydra app `task` runs each point through bln_sweeps.train.run.
 """
 
 import sys
 from pathlib import Path
 
-from bln_sweeps.config import (
-    CONF_DIR,
-    NORM_SITES,
-    ConfigError,
-    compose,
-    expand_grid,
-    register_configs,
-    to_run_config,
-    validate,
-)
+import hydra
+
+from bln_sweeps.compose import compose, expand_grid, register_configs
+from bln_sweeps.config import CONF_DIR, NORM_SITES, ConfigError, to_run_config, validate
 
 HYDRA_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"}
 
@@ -42,8 +40,8 @@ def split_argv(argv: list[str]) -> tuple[list[str], bool, bool]:
 
 def check(overrides: list[str], config_name: str = "train") -> int:
     """Compose and validate every grid point; returns the number of runs."""
+    from bln_sweeps.build import norm_factory
     from bln_sweeps.data import check_data
-    from bln_sweeps.train import norm_factory
 
     points = expand_grid(overrides)
     for point in points:
@@ -127,35 +125,33 @@ def probe_leak_main(argv: list[str]) -> int:
     return 1 if mismatch else 0
 
 
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def task(cfg) -> float | None:
+    """One Hydra job: the composed config -> train.run, one summary line; its val/loss is the
+    value Hydra's sweepers read."""
+    from bln_sweeps.checkpoint import Preempted
+    from bln_sweeps.train import run
+
+    rc = validate(to_run_config(cfg))
+    try:
+        result = run(rc)
+    except Preempted as e:
+        print(f"bln-train: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
+    except OSError as e:  # e.g. a full disk while checkpointing: the last checkpoint stands
+        print(f"bln-train: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    line = " · ".join(
+        f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val/") and isinstance(v, float)
+    )
+    print(f"[{rc.norm.name} b{rc.batch.size} s{rc.seq.len}] {result['status']} · {line}")
+    if result.get("status_reason"):
+        print(f"  reason: {result['status_reason']}")
+    return result.get("val/loss")
+
+
 def hydra_main(argv: list[str]) -> int:
-    import hydra
-
     register_configs()
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-    def task(cfg) -> float | None:
-        from bln_sweeps.checkpoint import Preempted
-        from bln_sweeps.train import run
-
-        rc = validate(to_run_config(cfg))
-        try:
-            result = run(rc)
-        except Preempted as e:
-            print(f"bln-train: {e}", file=sys.stderr)
-            raise SystemExit(3) from None
-        except OSError as e:  # e.g. a full disk while checkpointing: the last checkpoint stands
-            print(f"bln-train: error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-        line = " · ".join(
-            f"{k} {v:.4f}"
-            for k, v in result.items()
-            if k.startswith("val/") and isinstance(v, float)
-        )
-        print(f"[{rc.norm.name} b{rc.batch.size} s{rc.seq.len}] {result['status']} · {line}")
-        if result.get("status_reason"):
-            print(f"  reason: {result['status_reason']}")
-        return result.get("val/loss")
-
     sys.argv = [sys.argv[0], *hide_url_passwords(argv)]
     task()
     return 0
@@ -180,3 +176,12 @@ def hide_url_passwords(argv: list[str]) -> list[str]:
             arg = f"{key}=${{oc.env:{name}}}"
         out.append(arg)
     return out
+
+
+def main() -> None:
+    """The `bln-train` console script."""
+    sys.exit(train_main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,16 +1,12 @@
-"""Token data for one run: the synthetic corpus, token shards, and batch sampling; `bln-prepare`.
-
-    bln-prepare synthetic --out shards/synth          # the built-in corpus, written as shards
-    bln-prepare text book.txt notes.txt --out shards/books --tokenizer byte
-    bln-prepare hf roneneldan/TinyStories --out shards/tiny --max-docs 100000   # needs `datasets`
+"""Token data for one run: the synthetic corpus, token shards, and batch sampling.
 
 Two sources, picked by `data.name`:
 - `synthetic` (default): generated in memory from `data.seed` (see `synthetic_tokens`); no files,
   no internet, and enough long-range structure that sequence length and the norm matter.
 - `tokens`: uint16 shards in `data.path`. Two formats are read: nanoGPT's raw `train.bin` /
   `val.bin` (bare uint16), and llm.c's (a 256 x int32 header: magic 20240520, version 1, token
-  count; then uint16 tokens). `bln-prepare` writes llm.c's. A split's shards are the files
-  matching `*train*.bin` / `*val*.bin` (`train_000000.bin`, `fineweb_train_000001.bin`, ...).
+  count; then uint16 tokens). `bln-prepare` (bln_sweeps.prepare) writes llm.c's. A split's shards
+  are the files matching `*train*.bin` / `*val*.bin` (`train_000000.bin`, ...).
 
 Batches are independent random windows, one per row, never one contiguous chunk reshaped to (B, T):
 with contiguous rows, row b+1 continues row b, and a norm with batch statistics leaks the target of
@@ -19,15 +15,15 @@ run sees exactly the batches it would have seen. The held-out tokens are cut in 
 val (selection) and test (reporting), each a fixed set of windows (`eval_windows`).
 
 Importing this module does not import torch (only `get_batch` does): `bln-prepare --help` stays
-light.
+light. At ~450 lines it is over the ~400 we aim for: the corpus, the shard format and the sampler
+share the `Tokens` type and the window rule; the synthetic corpus (constants, `synthetic_tokens`
+and its helpers) is the piece to move to its own module if this one grows.
 """
 
-import argparse
 import functools
 import json
 import os
-import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +103,20 @@ def synthetic_tokens(n_tokens: int, vocab_size: int, seed: int, split: str = "tr
     n_regular = vocab_size - N_SPECIAL
     table_rng = np.random.default_rng([seed, 0])
     rng = np.random.default_rng([seed, 1 + SPLITS.index(split)])
+    # The helpers draw from `rng` in this order; another order would change every corpus.
+    out = _background(n_tokens, n_regular, table_rng, rng)
+    kind, length, start = _event_slots(n_tokens, rng)
+    stores = _write_stores(out, start[kind == 1], vocab_size, rng)
+    _write_queries(out, start[kind == 2], stores, n_tokens, rng)
+    _write_copies(out, start[kind == 0], length[kind == 0], rng)
+    out.flags.writeable = False  # shared by every caller through the cache
+    return out
 
+
+def _background(
+    n_tokens: int, n_regular: int, table_rng: np.random.Generator, rng: np.random.Generator
+) -> np.ndarray:
+    """The Markov background, `n_tokens` uint16 ids in [N_SPECIAL, V)."""
     # The language: successors (R, FANOUT) of each regular token, drawn from the Zipfian unigram.
     unigram = 1.0 / np.arange(1, n_regular + 1) ** ZIPF_UNIGRAM
     unigram /= unigram.sum()
@@ -115,8 +124,8 @@ def synthetic_tokens(n_tokens: int, vocab_size: int, seed: int, split: str = "tr
     by_rank = 1.0 / np.arange(1, FANOUT + 1) ** ZIPF_SUCCESSOR
     rank_cdf = np.cumsum(by_rank / by_rank.sum())
 
-    # Background: `lanes` chains advance in lock-step, so the Python loop is LANE_LEN steps long
-    # whatever n_tokens is. Each lane starts from the unigram; lanes are laid end to end.
+    # `lanes` chains advance in lock-step, so the Python loop is LANE_LEN steps long whatever
+    # n_tokens is. Each lane starts from the unigram; lanes are laid end to end.
     lanes = -(-n_tokens // LANE_LEN)
     ranks = np.searchsorted(rank_cdf, rng.random((LANE_LEN, lanes)))  # (L, lanes) successor ranks
     ranks = np.minimum(ranks, FANOUT - 1)  # guard against a cdf ending at 1 - eps
@@ -125,25 +134,32 @@ def synthetic_tokens(n_tokens: int, vocab_size: int, seed: int, split: str = "tr
     for t in range(LANE_LEN):
         chains[t] = state
         state = successors[state, ranks[t]]
-    out = (chains.T.reshape(-1)[:n_tokens] + N_SPECIAL).astype(np.uint16)
+    return (chains.T.reshape(-1)[:n_tokens] + N_SPECIAL).astype(np.uint16)
 
-    # Events at non-overlapping slots: background gap, event, background gap, event, ...
+
+def _event_slots(n_tokens: int, rng: np.random.Generator):
+    """(kind, length, start) of events at non-overlapping slots: background gap, event, background
+    gap, event, ... kind 0 = copy span, 1 = STORE, 2 = QUERY."""
     n_max = n_tokens // MEAN_GAP + 16  # more than fit; the overflow is dropped below
     kind = rng.choice(3, size=n_max, p=EVENT_P)
     length = np.where(kind == 0, rng.integers(COPY_LEN[0], COPY_LEN[1] + 1, n_max), 3)
     start = np.cumsum(rng.geometric(1 / MEAN_GAP, n_max) + length) - length
     fits = start + length <= n_tokens
-    kind, length, start = kind[fits], length[fits], start[fits]
+    return kind[fits], length[fits], start[fits]
 
-    # STORE records: fresh uniform keys and values.
-    s_pos = start[kind == 1]
+
+def _write_stores(out: np.ndarray, s_pos: np.ndarray, vocab_size: int, rng: np.random.Generator):
+    """STORE records at `s_pos`: fresh uniform keys and values. Returns (s_pos, keys, values)."""
     s_key = rng.integers(N_SPECIAL, vocab_size, len(s_pos))
     s_val = rng.integers(N_SPECIAL, vocab_size, len(s_pos))
     out[s_pos], out[s_pos + 1], out[s_pos + 2] = STORE, s_key, s_val
+    return s_pos, s_key, s_val
 
-    # QUERY records: the key of the store found about a log-uniform distance back; the answer is
-    # the value of that key's most recent store (keys recur, so it may be a later one).
-    q_pos = start[kind == 2]
+
+def _write_queries(out: np.ndarray, q_pos: np.ndarray, stores, n_tokens: int, rng) -> None:
+    """QUERY records: the key of the store found about a log-uniform distance back; the answer is
+    the value of that key's most recent store (keys recur, so it may be a later one)."""
+    s_pos, s_key, s_val = stores
     target = np.searchsorted(s_pos, q_pos - _log_uniform(rng, len(q_pos)), side="right") - 1
     q_pos, q_key = q_pos[target >= 0], s_key[target[target >= 0]]
     code = s_key * (n_tokens + 1) + s_pos  # sorted by (key, position)
@@ -151,10 +167,10 @@ def synthetic_tokens(n_tokens: int, vocab_size: int, seed: int, split: str = "tr
     latest = order[np.searchsorted(code[order], q_key * (n_tokens + 1) + q_pos) - 1]
     out[q_pos], out[q_pos + 1], out[q_pos + 2] = QUERY, q_key, s_val[latest]
 
-    # Copy spans, in position order so that a span may copy an earlier copy. A source holding a
-    # marker is skipped (the slot keeps its background) so that copies never create bindings.
-    is_copy = kind == 0
-    c_pos, c_len = start[is_copy], length[is_copy]
+
+def _write_copies(out: np.ndarray, c_pos: np.ndarray, c_len: np.ndarray, rng) -> None:
+    """Copy spans, in position order so that a span may copy an earlier copy. A source holding a
+    marker is skipped (the slot keeps its background) so that copies never create bindings."""
     c_gap = np.maximum(_log_uniform(rng, len(c_pos)), c_len)  # the source ends before the span
     for dst, k, gap in zip(c_pos.tolist(), c_len.tolist(), c_gap.tolist(), strict=True):
         if dst < gap:
@@ -162,8 +178,6 @@ def synthetic_tokens(n_tokens: int, vocab_size: int, seed: int, split: str = "tr
         src = out[dst - gap : dst - gap + k]
         if src.min() >= N_SPECIAL:
             out[dst : dst + k] = src
-    out.flags.writeable = False  # shared by every caller through the cache
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -274,8 +288,23 @@ class TokenSource:
 DATA_NAMES = ("synthetic", "tokens")
 
 
+def build_run_data(cfg: RunConfig) -> TokenSource:
+    """The train and val tokens a run trains on: its data.*, seq.len and model.vocab_size fill
+    build_data's keywords. Bad input raises ConfigError naming the key."""
+    return build_data(
+        cfg.data.name,
+        seq_len=cfg.seq.len,
+        vocab_size=cfg.data.vocab_size,
+        seed=cfg.data.seed,
+        path=cfg.data.path,
+        n_train_tokens=cfg.data.n_train_tokens,
+        n_val_tokens=cfg.data.n_val_tokens,
+        model_vocab_size=cfg.model.vocab_size,
+    )
+
+
 def build_data(
-    name: str | RunConfig,
+    name: str,
     *,
     seq_len: int | None = None,
     vocab_size: int = DataConfig.vocab_size,
@@ -288,22 +317,9 @@ def build_data(
     """The train and val tokens of `name` (synthetic | tokens), validated for `seq_len`.
 
     `vocab_size`, `seed` and the token counts describe the synthetic corpus; `path` the shard
-    directory. With `model_vocab_size`, the data's token ids are checked against it.
-    `name` may also be a RunConfig (what train.run passes): its data.*, seq.len and
-    model.vocab_size fill the keywords. Bad input raises ConfigError naming the key.
+    directory. With `model_vocab_size`, the data's token ids are checked against it. Bad input
+    raises ConfigError naming the key (a run's config: build_run_data).
     """
-    if not isinstance(name, str):
-        cfg = name
-        return build_data(
-            cfg.data.name,
-            seq_len=cfg.seq.len,
-            vocab_size=cfg.data.vocab_size,
-            seed=cfg.data.seed,
-            path=cfg.data.path,
-            n_train_tokens=cfg.data.n_train_tokens,
-            n_val_tokens=cfg.data.n_val_tokens,
-            model_vocab_size=cfg.model.vocab_size,
-        )
     if name == "synthetic":
         check_synthetic(vocab_size, n_train_tokens, n_val_tokens, seq_len=seq_len or 0)
         source = TokenSource(
@@ -343,14 +359,14 @@ def check_shard_lengths(splits: dict[str, list[Path]], seq_len: int) -> None:
 
 
 def check_data(cfg: RunConfig) -> None:
-    """Everything build_data(cfg) would reject, without generating or scanning a corpus when it
+    """Everything build_run_data(cfg) would reject, without generating or scanning a corpus when it
     can be avoided (bln-train checks every grid point with this before starting)."""
     if cfg.data.name == "synthetic":
         d = cfg.data
         check_synthetic(d.vocab_size, d.n_train_tokens, d.n_val_tokens, seq_len=cfg.seq.len)
         check_vocab(cfg.data.vocab_size, cfg.model.vocab_size)
     else:
-        build_data(cfg)  # shards are memory-mapped: cheap, bar the vocab scan (cached)
+        build_run_data(cfg)  # shards are memory-mapped: cheap, bar the vocab scan (cached)
 
 
 # -----------------------------------------------------------------------------
@@ -433,223 +449,3 @@ def eval_windows(tokens: Tokens, seq_len: int, n_tokens: int, seed: int = 0):
     the batch size, so every cell of a sweep is scored on the same windows."""
     n = max(1, n_tokens // seq_len)
     return get_batch(tokens, n, seq_len, np.random.default_rng(seed))
-
-
-# -----------------------------------------------------------------------------
-# bln-prepare: text files, a Hugging Face dataset or the synthetic corpus -> shards
-
-
-@dataclass(frozen=True)
-class Tokenizer:
-    name: str
-    vocab_size: int
-    eot: int  # prepended to every document, as llm.c does
-    encode: Callable[[str | bytes], np.ndarray]  # text or UTF-8 bytes -> uint16 ids
-
-
-TOKENIZERS = ("gpt2", "byte")
-
-
-def load_tokenizer(name: str) -> Tokenizer:
-    if name == "byte":
-
-        def encode_bytes(text: str | bytes) -> np.ndarray:
-            data = text.encode("utf-8") if isinstance(text, str) else text
-            return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
-
-        return Tokenizer("byte", 257, 256, encode_bytes)
-    if name == "gpt2":
-        import tiktoken
-
-        try:
-            enc = tiktoken.get_encoding("gpt2")  # downloads the BPE files on first use
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ConfigError(
-                "--tokenizer",
-                name,
-                f"tiktoken could not load GPT-2's BPE files (downloaded on first use; offline, use"
-                f" --tokenizer byte): {first}",
-            ) from None
-
-        def encode_bpe(text: str | bytes) -> np.ndarray:
-            text = text.decode("utf-8") if isinstance(text, bytes) else text
-            return np.array(enc.encode_ordinary(text), dtype=np.uint16)
-
-        return Tokenizer("gpt2", enc.n_vocab, enc.eot_token, encode_bpe)
-    raise ConfigError("--tokenizer", name, f"valid: {', '.join(TOKENIZERS)}")
-
-
-def file_pieces(path: Path, text: bool) -> Iterator[str | bytes]:
-    """A file in ~1 MB pieces cut at line ends, so a large file never sits in memory as ids;
-    decoded as UTF-8 when `text` (a character never spans a line end, so pieces decode alone).
-    GPT-2's BPE may split a run of newlines differently at a cut; decoding is still exact."""
-    with open(path, "rb") as f:
-        while lines := f.readlines(1 << 20):
-            piece = b"".join(lines)
-            if not text:
-                yield piece
-                continue
-            try:
-                yield piece.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ConfigError(
-                    "FILE", str(path), f"not UTF-8 text ({e.reason}); try --tokenizer byte"
-                ) from None
-
-
-def write_splits(out: Path, train: np.ndarray, val: np.ndarray, meta: dict) -> list[Path]:
-    """train_NNNNNN.bin / val_NNNNNN.bin shards of at most SHARD_TOKENS, and meta.json."""
-    paths = []
-    for split, tokens in (("train", train), ("val", val)):
-        for i, at in enumerate(range(0, len(tokens), SHARD_TOKENS)):
-            paths.append(out / f"{split}_{i:06d}.bin")
-            write_shard(paths[-1], tokens[at : at + SHARD_TOKENS])
-    meta = {**meta, "train_tokens": len(train), "val_tokens": len(val), "format": "llm.c"}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return paths
-
-
-def prepare_documents(
-    docs: Iterable[Iterable[str | bytes]],
-    tokenizer: Tokenizer,
-    out: Path,
-    val_fraction: float,
-    meta: dict,
-) -> list[Path]:
-    """Tokenize documents (each an iterable of pieces) into one temporary uint16 file, then cut the
-    last `val_fraction` of the tokens off as the val split (nanoGPT's convention)."""
-    tmp = out / ".tokens.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            for doc in docs:
-                np.array([tokenizer.eot], dtype=np.uint16).tofile(f)
-                for piece in doc:
-                    tokenizer.encode(piece).tofile(f)
-        tokens = np.memmap(tmp, dtype=np.uint16, mode="r")  # at least one EOT: never empty
-        n_val = round(len(tokens) * val_fraction)
-        if n_val == 0 or n_val == len(tokens):
-            raise ConfigError(
-                "--val-fraction", val_fraction, f"leaves an empty split of {len(tokens)} tokens"
-            )
-        meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, **meta}
-        return write_splits(out, tokens[:-n_val], tokens[-n_val:], meta)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def hf_documents(
-    dataset: str, config: str | None, split: str, field: str, max_docs: int | None
-) -> Iterator[list[str]]:
-    """Stream a Hugging Face dataset's `field` as documents. Imports and opens it now, so a
-    missing package or an unreachable hub fails before anything is written."""
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(
-            "hf", dataset, "needs the `datasets` package and internet: pip install datasets"
-        ) from None
-    try:
-        rows = datasets.load_dataset(dataset, config, split=split, streaming=True)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError("hf", dataset, f"could not load it: {first}") from None
-
-    def documents() -> Iterator[list[str]]:
-        for i, row in enumerate(rows):
-            if max_docs is not None and i >= max_docs:
-                return
-            if field not in row:
-                raise ConfigError("--text-field", field, f"columns: {', '.join(row)}")
-            yield [row[field]]
-
-    return documents()
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's default prints the whole usage first
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(
-        prog="bln-prepare",
-        description="Write token shards for data=tokens data.path=DIR.",
-        epilog="examples:\n" + __doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    text = sub.add_parser("text", help="tokenize local text files (one document each)")
-    text.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    hf = sub.add_parser("hf", help="tokenize a Hugging Face dataset (needs `datasets`, internet)")
-    hf.add_argument("dataset")
-    hf.add_argument("--name", default=None, help="dataset config name")
-    hf.add_argument("--split", default="train", help="dataset split to read (default: train)")
-    hf.add_argument("--text-field", default="text")
-    hf.add_argument("--max-docs", type=int, default=None)
-    for s in (text, hf):
-        s.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2")
-        s.add_argument("--val-fraction", type=float, default=0.05)
-    d = DataConfig()
-    synth = sub.add_parser("synthetic", help="the synthetic corpus data=synthetic generates")
-    synth.add_argument("--tokens", type=int, default=d.n_train_tokens, help="train tokens")
-    synth.add_argument("--val-tokens", type=int, default=d.n_val_tokens)
-    synth.add_argument("--vocab", type=int, default=d.vocab_size)
-    synth.add_argument("--seed", type=int, default=d.seed)
-    for s in (text, hf, synth):
-        s.add_argument("--out", type=Path, required=True, help="shard directory (data.path)")
-    return p.parse_args(argv)
-
-
-def prepare(args: argparse.Namespace) -> list[Path]:
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigError("--out", str(args.out), "is a file, not a directory")
-    old = sorted(p.name for p in [*args.out.glob("*train*.bin"), *args.out.glob("*val*.bin")])
-    if old:
-        raise ConfigError("--out", str(args.out), f"already holds shards ({old[0]}, ...)")
-    if args.command == "synthetic":
-        for key, n in (("--tokens", args.tokens), ("--val-tokens", args.val_tokens)):
-            if n <= 0:
-                raise ConfigError(key, n, "must be > 0")
-        if not MIN_VOCAB <= args.vocab <= 2**16:
-            raise ConfigError("--vocab", args.vocab, f"must be in [{MIN_VOCAB}, 65536]")
-        train = synthetic_tokens(args.tokens, args.vocab, args.seed, "train")  # checks --vocab
-        val = synthetic_tokens(args.val_tokens, args.vocab, args.seed, "val")
-        args.out.mkdir(parents=True, exist_ok=True)
-        meta = {"tokenizer": "synthetic", "vocab_size": args.vocab, "seed": args.seed}
-        return write_splits(args.out, train, val, meta)
-
-    if not 0 < args.val_fraction < 1:
-        raise ConfigError("--val-fraction", args.val_fraction, "must be in (0, 1)")
-    if args.command == "text":
-        for f in args.files:
-            if not f.is_file():
-                raise ConfigError("FILE", str(f), "no such file")
-        docs = (file_pieces(f, text=args.tokenizer != "byte") for f in args.files)
-        source = {"files": [str(f) for f in args.files]}
-    else:
-        docs = hf_documents(args.dataset, args.name, args.split, args.text_field, args.max_docs)
-        source = {"dataset": args.dataset, "name": args.name, "split": args.split}
-    tokenizer = load_tokenizer(args.tokenizer)
-    args.out.mkdir(parents=True, exist_ok=True)
-    return prepare_documents(docs, tokenizer, args.out, args.val_fraction, source)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        paths = prepare(args)
-    except ValueError as e:  # ConfigError: bad input, one line
-        print(f"bln-prepare: error: {e}", file=sys.stderr)
-        return 2
-    meta = json.loads((args.out / "meta.json").read_text())
-    print(
-        f"wrote {len(paths)} shards to {args.out}: {meta['train_tokens']:,} train and"
-        f" {meta['val_tokens']:,} val tokens, vocab_size {meta['vocab_size']}"
-        f" (use: data=tokens data.path={args.out} model.vocab_size>={meta['vocab_size']})"
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

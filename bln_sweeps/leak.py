@@ -185,15 +185,12 @@ def probe_when_due(model, sampler, step: int, autocast, history: dict, logger) -
 def probe_config(cfg) -> LeakReport:
     """`bln-train --probe-leak`: build the run's model (seed, device, dtype as `train.run` would)
     and probe it on the run's first training batch, without training or an MLflow run."""
-    from functools import partial
-
-    from bln_sweeps.data import BatchSampler, build_data
-    from bln_sweeps.train import build_model, pick_device
+    from bln_sweeps.build import autocast_for, build_model, pick_device
+    from bln_sweeps.data import BatchSampler, build_run_data
 
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg)
-    bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else None
+    autocast = autocast_for(cfg, device)  # the dtype rule train.run uses
     model = build_model(cfg).to(device)
-    sampler = BatchSampler(build_data(cfg).train, cfg.batch.size, cfg.seq.len, seed=cfg.seed)
+    sampler = BatchSampler(build_run_data(cfg).train, cfg.batch.size, cfg.seq.len, seed=cfg.seed)
     return probe(model, peek_batch(sampler).to(device), 0, autocast)

@@ -14,7 +14,7 @@ normalises each sub-layer's output before the residual add.
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -39,21 +39,6 @@ class GPTConfig:
     bias: bool = True  # biases in Linear layers (and in LayerNorm, via the norm options)
     qk_norm: str = "none"  # "rmsnorm" | "layernorm": normalise q and k per head before SDPA
     norm_placement: str = "pre"  # "pre": x + F(N(x)) (GPT-2); "peri": x + N_out(F(N_in(x)))
-
-
-# Named flavours. `tiny` is the CPU/test flavour; the others are the GPT-2 family. The training
-# config may raise `block_size` (e.g. to 4096) so that one model serves every sequence length.
-PRESETS: dict[str, GPTConfig] = {
-    "tiny": GPTConfig(block_size=256, vocab_size=512, n_layer=2, n_head=4, n_embd=64),
-    "gpt2_124m": GPTConfig(),
-    "gpt2_350m": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
-}
-
-
-def gpt_config(preset: str, **overrides) -> GPTConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model '{preset}'; valid choices: {', '.join(PRESETS)}")
-    return replace(PRESETS[preset], **overrides)
 
 
 class CausalSelfAttention(nn.Module):

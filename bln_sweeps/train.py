@@ -1,7 +1,4 @@
-"""One training run: `run(cfg) -> metrics`, and the `bln-train` Hydra app around it.
-
-    bln-train norm=bln batch=b16 seq=s2048 optim.lr=3e-4
-    bln-train -m norm=layernorm,bln batch=b4,b32          # a Hydra grid, basic launcher
+"""One training run: `run(cfg) -> metrics`. The `bln-train` command around it is bln_sweeps.cli.
 
 `run` is pure (a RunConfig in, a dict out) so sweep workers call it directly. The loop is
 nanoGPT's: gradient accumulation, AdamW, warm-up + cosine, global-norm clipping, bf16 autocast on
@@ -9,28 +6,37 @@ CUDA. What it adds: validation under every inference mode (bln_sweeps.evaluate),
 stops instead of crashes, exact resume from checkpoints (bln_sweeps.checkpoint), and an MLflow
 run with the resolved config, provenance and the `leaky` tag as the leak probe measured it on
 this model (bln_sweeps.leak, bln_sweeps.tracking).
+
+`run` reads as its steps: set up (bln_sweeps.build) and resume, start or adopt the MLflow run,
+the step loop (each optimizer step, its logs, evaluations, signals and checkpoints), then finish
+(final evaluation, tags, artifacts, the last checkpoint). A `Trainer` holds what the steps share.
 """
 
 import hashlib
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from bln_sweeps import checkpoint, distributed, leak
+from bln_sweeps.build import (
+    autocast_for,
+    build_model,
+    build_optimizer,
+    device_tags,
+    is_leaky,
+    lr_at,
+    peak_flops,
+    pick_device,
+)
 from bln_sweeps.config import RunConfig
 from bln_sweeps.credentials import mask_tree
-from bln_sweeps.data import BatchSampler, build_data, eval_splits, eval_windows
+from bln_sweeps.data import BatchSampler, build_run_data, eval_splits, eval_windows
 from bln_sweeps.evaluate import evaluate
-from bln_sweeps.model import GPT, GPTConfig
-from bln_sweeps.norms import NORMS, build_norm
 from bln_sweeps.tracking import (
     RunLogger,
     ends_runs_on_error,
@@ -38,14 +44,12 @@ from bln_sweeps.tracking import (
     resolve_tracking_uri,
 )
 from bln_sweeps.tracking.contract import (
-    DEVICE_TAG,
     DIVERGED,
     FAILED,
     FINISHED,
     KIND_TAG,
     LEAKY_TAG,
     MFU,
-    N_DEVICES_TAG,
     PREEMPTED,
     PRUNED,
     RUN_FAILED,
@@ -62,9 +66,6 @@ from bln_sweeps.tracking.contract import (
     WALL_S,
     flatten_config,
 )
-
-# Peak dense bf16 FLOP/s per device, for MFU. Unknown devices report no MFU rather than a guess.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 # (step, metrics) -> None to go on, or a reason to stop now as "pruned" (the sweep's pruner)
 EvalHook = Callable[[int, dict[str, float]], str | None]
@@ -89,96 +90,6 @@ def params_of(cfg: RunConfig) -> dict:
 
 def run_name(cfg: RunConfig) -> str:
     return cfg.tracking.run_name or f"{cfg.norm.name} · b{cfg.batch.size} · s{cfg.seq.len}"
-
-
-def norm_factory(cfg: RunConfig) -> Callable[[str], torch.nn.Module]:
-    """site -> norm module. `norm.name` at ln_1/ln_2 (and Peri-LN's ln_1_out/ln_2_out) with
-    `norm.options`; `norm.final` (if set) at ln_f with its own defaults. `norm.sites.<site>`
-    overrides options at one site (and may name another variant there, with that variant's
-    defaults). Options left null are derived from the run: PowerNorm's warm-up (the LR warm-up,
-    as fairseq wires it) and its forward calls per optimizer step."""
-    derived = {
-        "batch_size": cfg.batch.size,
-        "max_len": cfg.model.block_size,
-        "groups": cfg.model.n_head,
-        "bias": cfg.model.bias,
-        "warmup_steps": cfg.warmup_steps,
-        "accum_steps": cfg.grad_accum,
-    }
-
-    def options_for(name: str, given: dict) -> dict:
-        import inspect
-
-        accepted = inspect.signature(NORMS[name]).parameters if name in NORMS else {}
-        opts = {k: v for k, v in derived.items() if k in accepted}
-        opts.update({k: v for k, v in given.items() if v is not None})
-        return opts
-
-    block_opts = options_for(cfg.norm.name, cfg.norm.options)
-    if block_opts.get("sync") == "global" and "batch_size" in block_opts:
-        block_opts["batch_size"] *= distributed.world_size()  # BLN's m: the global batch
-    final = cfg.norm.final or cfg.norm.name
-    final_opts = block_opts if final == cfg.norm.name else options_for(final, {})
-
-    def factory(site: str) -> torch.nn.Module:
-        name, opts = (final, final_opts) if site == "ln_f" else (cfg.norm.name, block_opts)
-        given = dict(cfg.norm.sites.get(site) or {})
-        site_name = given.pop("name", None) or name
-        if site_name != name:  # another variant at this site: its own defaults
-            name, opts = site_name, options_for(site_name, {})
-        opts = {**opts, **{k: v for k, v in given.items() if v is not None}}
-        return build_norm(name, cfg.model.n_embd, **opts)
-
-    return factory
-
-
-def build_model(cfg: RunConfig) -> GPT:
-    m = cfg.model
-    gpt = GPTConfig(
-        m.block_size,
-        m.vocab_size,
-        m.n_layer,
-        m.n_head,
-        m.n_embd,
-        m.dropout,
-        m.bias,
-        qk_norm=m.qk_norm,
-        norm_placement=m.norm_placement,
-    )
-    return GPT(gpt, norm_factory(cfg))
-
-
-def is_leaky(model: GPT) -> bool:
-    return any(not getattr(mod, "causal_in_train", True) for _, mod in model.norm_modules())
-
-
-def lr_at(step: int, cfg: RunConfig) -> float:
-    """Linear warm-up to optim.lr, then cosine down to min_lr_frac * lr at the last step."""
-    peak, warm, total = cfg.optim.lr, cfg.warmup_steps, cfg.train.steps
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    floor = cfg.optim.min_lr_frac * peak
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def pick_device(cfg: RunConfig) -> torch.device:
-    if cfg.train.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.train.device)
-
-
-def device_tags(device: torch.device) -> dict[str, str]:
-    if device.type == "cuda":
-        return {DEVICE_TAG: f"cuda:{torch.cuda.get_device_name(device)}", N_DEVICES_TAG: "1"}
-    return {DEVICE_TAG: "cpu", N_DEVICES_TAG: "1", "cpu_threads": str(torch.get_num_threads())}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def plot_losses(history: dict[str, list], path: Path) -> None:
@@ -209,6 +120,295 @@ def inject_fault(fault: str | None, step: int) -> None:
     raise RuntimeError(f"injected by train.fault={fault}")
 
 
+class Trainer:
+    """One run in progress: the model, optimizer, sampler and logger the steps of `run` share,
+    and where the loop stands (step, history, the throughput window)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, state: dict | None):
+        """Set up: seed, device, data, model, optimizer and sampler, restored from `state` (a
+        checkpoint of an unfinished attempt) when given. Everything that can reject the config
+        happens here, before an MLflow run exists."""
+        self.cfg, self.run_dir = cfg, run_dir
+        self.ckpt_path = run_dir / checkpoint.CKPT_NAME
+        torch.manual_seed(cfg.seed)
+        self.device = device = distributed.setup(pick_device(cfg))  # a DDP rank: its own device
+        self.autocast = autocast_for(cfg, device)
+        data = build_run_data(cfg)
+        self.model = build_model(cfg).to(device)
+        self.model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        self.optimizer = build_optimizer(cfg, self.model, device)
+        # one global batch of batch.size rows per rank; distributed.shard takes this rank's rows
+        self.world = distributed.world_size()
+        self.sampler = BatchSampler(
+            data.train, cfg.batch.size * self.world, cfg.seq.len, seed=cfg.seed
+        )
+        # Selection (val) and test windows: fixed by eval.tokens and seq.len, whatever the batch.
+        self.held_out = {
+            split: tuple(t.to(device) for t in eval_windows(tokens, cfg.seq.len, cfg.eval.tokens))
+            for split, tokens in eval_splits(data.val).items()
+        }
+        self.step, self.history = 0, {"train_step": [], "train_loss": [], "eval_step": []}
+        if state is not None:
+            self._resume(state)
+        fwd = distributed.wrap(self.model, device)  # DDP over the ranks; the model when alone
+        self.fwd = torch.compile(fwd) if cfg.train.compile else fwd  # norms switch to fusable code
+        self.metrics: dict[str, float] = {}  # the last evaluation's
+        self.logger: RunLogger | None = None
+
+    def _resume(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step, self.history = state["step"], state["history"]
+
+    # ---- the MLflow run ------------------------------------------------------------------------
+
+    def start_tracking(
+        self, state: dict | None, parent_run_id: str | None, tags: dict[str, str] | None
+    ) -> None:
+        """Start the run's MLflow run, or adopt the one an earlier attempt started. The run id is
+        kept beside the checkpoint from the moment the run exists, so an attempt that died before
+        its first checkpoint is continued (from step 0), never left RUNNING."""
+        cfg = self.cfg
+        leaky = is_leaky(self.model)
+        uri = resolve_tracking_uri(cfg.tracking.uri, Path.cwd())
+        run_id_file = self.run_dir / "mlflow_run_id"
+        earlier = state["run_id"] if state else None
+        if earlier is None and cfg.train.resume and run_id_file.exists():
+            earlier = run_id_file.read_text().strip() or None
+        start = (uri, leaky, parent_run_id, tags)
+        try:
+            self.logger = self._start_logger(earlier, *start)
+        except ValueError:  # the earlier attempt's run is not in this store (tracking.uri changed)
+            if state is not None:
+                raise
+            earlier, self.logger = None, self._start_logger(None, *start)
+        if self.logger.run_id is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            run_id_file.write_text(self.logger.run_id)
+        if earlier is not None:
+            self.logger.set_tags({"resumed_from_step": str(self.step)})
+
+    def _start_logger(
+        self,
+        run_id: str | None,
+        uri: str,
+        leaky: bool,
+        parent_run_id: str | None,
+        tags: dict[str, str] | None,
+    ) -> RunLogger:
+        cfg, history = self.cfg, self.history
+        if not cfg.tracking.enabled or not distributed.is_rank0():
+            return RunLogger.disabled()
+        return RunLogger.start(
+            uri,
+            cfg.tracking.experiment,
+            run_name=run_name(cfg),
+            params=flatten_config(params_of(cfg)) if run_id is None else None,
+            tags={
+                **provenance_tags(),
+                **device_tags(self.device),
+                LEAKY_TAG: str(leaky).lower(),  # declared; the leak probe's measurement replaces it
+                **(leak.summary(history["leak"]) if history.get("leak") else {}),
+                KIND_TAG: SINGLE,
+                "run_key": run_key(cfg),
+                "n_ranks": str(self.world),
+                "n_params": str(self.model.num_params()),
+                STATUS_TAG: RUNNING,
+                **(tags or {}),
+            },
+            parent_run_id=parent_run_id,
+            run_id=run_id,
+        )
+
+    # ---- the step loop -------------------------------------------------------------------------
+
+    def train(self, on_eval: EvalHook | None) -> tuple[str, str]:
+        """Optimizer steps until train.steps, divergence or the pruner: (status, reason). A stop
+        signal saves a checkpoint and raises checkpoint.Preempted; any other exception tags the
+        MLflow run failed with its reason before it propagates."""
+        cfg = self.cfg
+        self.accum = cfg.grad_accum
+        self.tokens_per_step = self.accum * cfg.batch.size * cfg.seq.len
+        self.diverge_at = cfg.train.diverge_loss or 2 * math.log(cfg.model.vocab_size)
+        self.flops_per_step = self.model.flops_per_token(cfg.seq.len) * self.tokens_per_step
+        self.peak = peak_flops(self.device)
+        self.t_start = self.t_window = time.perf_counter()
+        self.window_steps = 0
+        self.wall_before = self.history.get("wall_s", 0.0)
+        try:
+            with checkpoint.StopSignals() as signals:
+                while self.step < cfg.train.steps:
+                    stop = self._step_and_report(on_eval)
+                    if stop is not None:
+                        return stop
+                    self._after_step(signals)
+            return FINISHED, ""
+        except checkpoint.Preempted:
+            raise
+        except BaseException as e:
+            reason = f"{type(e).__name__}: {e}"[:500]
+            self.logger.set_tags({STATUS_TAG: FAILED, STATUS_REASON_TAG: reason})
+            self.logger.end(RUN_FAILED)
+            raise
+
+    def _optimizer_step(self) -> tuple[float, float, float]:
+        """One optimizer step over grad_accum micro-batches: (train loss, lr, grad norm). The loss
+        is averaged over the ranks, so every rank reaches the same verdict on it."""
+        cfg, model, accum = self.cfg, self.model, self.accum
+        leak.probe_when_due(
+            model, self.sampler, self.step, self.autocast, self.history, self.logger
+        )
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        inject_fault(cfg.train.fault, self.step + 1)
+        loss_sum = 0.0
+        for _ in range(accum):
+            x, y = distributed.shard(*self.sampler.next_batch())
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                _, loss = self.fwd(x, y)
+            (loss / accum).backward()  # mean over the optimizer step's micro-batches
+            loss_sum += loss.item()
+        clip = cfg.optim.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.window_steps += 1
+        train_loss = distributed.mean(loss_sum / accum)
+        self.history["train_step"].append(self.step)
+        self.history["train_loss"].append(train_loss)
+        return train_loss, lr, grad_norm
+
+    def _step_and_report(self, on_eval: EvalHook | None) -> tuple[str, str] | None:
+        """One step, its train metrics and evaluation when due; (status, reason) to stop now."""
+        cfg = self.cfg
+        train_loss, lr, grad_norm = self._optimizer_step()
+        step = self.step
+        if not math.isfinite(train_loss) or train_loss > self.diverge_at:
+            limit = f"{self.diverge_at:.3g}"
+            return DIVERGED, f"train loss {train_loss:.4g} at step {step} (limit {limit})"
+        if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+            self._log_train(train_loss, lr, grad_norm)
+        if step % cfg.train.eval_interval == 0 or step == cfg.train.steps:
+            # the test split is scored once, at the end: nothing during training reads it
+            last = step == cfg.train.steps
+            self.metrics = self.evaluate(("val", "test") if last else ("val",))
+            stop = on_eval(step, self.metrics) if on_eval is not None else None
+            stop = distributed.from_rank0(stop)  # rank 0 talks to the pruner
+            self.t_window, self.window_steps = time.perf_counter(), 0  # eval is not training
+            if stop:
+                return PRUNED, stop
+        return None
+
+    def _log_train(self, train_loss: float, lr: float, grad_norm: float) -> None:
+        """Train metrics and throughput over the steps since the window last restarted."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self.t_window
+        m = {TRAIN_LOSS: train_loss, TRAIN_LR: lr, TRAIN_GRAD_NORM: grad_norm}
+        m[TOKENS_PER_S] = self.window_steps * self.tokens_per_step / dt
+        if self.peak:
+            m[MFU] = self.flops_per_step * self.window_steps / dt / self.peak
+        self.logger.log_metrics(m, step=self.step)
+        self.t_window, self.window_steps = time.perf_counter(), 0
+
+    def _after_step(self, signals: checkpoint.StopSignals) -> None:
+        """Wall time, then a stop signal on any rank (save and raise Preempted), then the
+        periodic checkpoint."""
+        step = self.step
+        self.history["wall_s"] = self.wall_before + time.perf_counter() - self.t_start
+        received = distributed.signal_on_any_rank(signals.received)
+        if received is not None:
+            self.save(RUNNING)
+            self.logger.set_tags({STATUS_TAG: PREEMPTED, STATUS_REASON_TAG: "signal"})
+            self.logger.end(RUN_KILLED)
+            raise checkpoint.Preempted(step, received, self.ckpt_path)
+        ckpt_every = self.cfg.train.checkpoint_interval
+        if ckpt_every and step % ckpt_every == 0 and step < self.cfg.train.steps:
+            self.save(RUNNING)
+            self.t_window = time.perf_counter()  # the save is not training time
+
+    def evaluate(self, splits: tuple[str, ...] = ("val",)) -> dict[str, float]:
+        cfg, metrics = self.cfg, {}
+        for split in splits:
+            metrics |= evaluate(
+                self.model,
+                self.held_out[split],
+                cfg.batch.size,
+                self.autocast,
+                cfg.eval.batch_stats,
+                cfg.eval.bln_switches,
+                split=split,
+            )
+        self.history["eval_step"].append(self.step)
+        for k, v in metrics.items():
+            self.history.setdefault(k, []).append(v)
+        self.logger.log_metrics(metrics, step=self.step)
+        return metrics
+
+    def save(self, status: str, result: dict | None = None) -> None:
+        if not distributed.is_rank0():  # the ranks hold the same state; one writes it
+            return
+        checkpoint.save(
+            self.ckpt_path,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "step": self.step,
+                "history": self.history,
+                "run_id": self.logger.run_id,
+                "status": status,
+                "result": result,
+                "config": mask_tree(asdict(self.cfg)),  # a checkpoint may be copied or shared
+            },
+        )
+
+    # ---- the end -------------------------------------------------------------------------------
+
+    def finish(self, status: str, reason: str) -> dict:
+        """Final evaluation (when the loop did not just evaluate), the result, its tags and
+        artifacts, the last checkpoint; the MLflow run ends (diverged: FAILED)."""
+        metrics, history, logger = self.metrics, self.history, self.logger
+        if status == FINISHED and self.step not in history["eval_step"]:
+            metrics = self.evaluate(("val", "test"))
+        wall = history.get("wall_s", 0.0)
+        logger.log_metrics({WALL_S: wall}, step=self.step)
+        result = {
+            **metrics,
+            "status": status,
+            "step": self.step,
+            "run_id": logger.run_id,
+            "wall_s": wall,
+        }
+        if reason:
+            result["status_reason"] = reason
+        logger.set_tags({STATUS_TAG: status, **({STATUS_REASON_TAG: reason} if reason else {})})
+        if self.cfg.tracking.enabled and distributed.is_rank0():
+            self._log_artifacts()
+        self.save(status, result)
+        logger.end(RUN_FAILED if status == DIVERGED else RUN_FINISHED)  # pruned ends normally
+        return result
+
+    def _log_artifacts(self) -> None:
+        """The loss curve and the resolved config (URL passwords masked) as MLflow artifacts."""
+        from omegaconf import OmegaConf
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        plot = self.run_dir / "loss_curve.png"
+        plot_losses(self.history, plot)
+        self.logger.log_artifact(plot)
+        cfg_yaml = self.run_dir / "config.yaml"
+        cfg_yaml.write_text(OmegaConf.to_yaml(mask_tree(asdict(self.cfg))))  # no URL password
+        self.logger.log_artifact(cfg_yaml)
+
+
 @ends_runs_on_error  # every way out of a run ends its MLflow run, never leaves it RUNNING
 def run(
     cfg: RunConfig,
@@ -225,239 +425,10 @@ def run(
     SIGUSR1. `on_eval` sees every evaluation; a reason it returns stops the run as "pruned".
     """
     run_dir = Path(run_dir or Path(cfg.train.out_dir) / run_key(cfg))
-    ckpt_path = run_dir / checkpoint.CKPT_NAME
-    state = checkpoint.load(ckpt_path) if cfg.train.resume else None
+    state = checkpoint.load(run_dir / checkpoint.CKPT_NAME) if cfg.train.resume else None
     if state is not None and state["status"] != RUNNING:
         return state["result"]
-
-    torch.manual_seed(cfg.seed)
-    device = distributed.setup(pick_device(cfg))  # a rank of a DDP trial: its own device
-    use_bf16 = cfg.train.dtype == "bfloat16" or (
-        cfg.train.dtype == "auto" and device.type == "cuda"
-    )
-    autocast = (
-        partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
-        if use_bf16
-        else nullcontext
-    )
-
-    # Everything that can reject the config happens before an MLflow run exists.
-    data = build_data(cfg)
-    model = build_model(cfg).to(device)
-    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-    optimizer = torch.optim.AdamW(
-        model.optimizer_groups(cfg.optim.weight_decay),
-        lr=cfg.optim.lr,
-        betas=(cfg.optim.beta1, cfg.optim.beta2),
-        eps=cfg.optim.eps,
-        fused=device.type == "cuda",
-    )
-    # one global batch of batch.size rows per rank; distributed.shard takes this rank's rows
-    world = distributed.world_size()
-    sampler = BatchSampler(data.train, cfg.batch.size * world, cfg.seq.len, seed=cfg.seed)
-    # Selection (val) and test windows: fixed by eval.tokens and seq.len, whatever the batch size.
-    held_out = {
-        split: tuple(t.to(device) for t in eval_windows(tokens, cfg.seq.len, cfg.eval.tokens))
-        for split, tokens in eval_splits(data.val).items()
-    }
-    step, history = 0, {"train_step": [], "train_loss": [], "eval_step": []}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        checkpoint.set_rng_state(state["rng"])
-        step, history = state["step"], state["history"]
-    fwd = distributed.wrap(model, device)  # DDP over the ranks; the model itself when alone
-    fwd = torch.compile(fwd) if cfg.train.compile else fwd  # norms switch to fusable code
-
-    leaky = is_leaky(model)
-    uri = resolve_tracking_uri(cfg.tracking.uri, Path.cwd())
-    # The run id is kept beside the checkpoint from the moment the run exists, so an attempt
-    # that died before its first checkpoint is continued (from step 0), never left RUNNING.
-    run_id_file = run_dir / "mlflow_run_id"
-    earlier = state["run_id"] if state else None
-    if earlier is None and cfg.train.resume and run_id_file.exists():
-        earlier = run_id_file.read_text().strip() or None
-
-    def start_logger(run_id: str | None) -> RunLogger:
-        if not cfg.tracking.enabled or not distributed.is_rank0():
-            return RunLogger.disabled()
-        return RunLogger.start(
-            uri,
-            cfg.tracking.experiment,
-            run_name=run_name(cfg),
-            params=flatten_config(params_of(cfg)) if run_id is None else None,
-            tags={
-                **provenance_tags(),
-                **device_tags(device),
-                LEAKY_TAG: str(leaky).lower(),  # declared; the leak probe's measurement replaces it
-                **(leak.summary(history["leak"]) if history.get("leak") else {}),
-                KIND_TAG: SINGLE,
-                "run_key": run_key(cfg),
-                "n_ranks": str(world),
-                "n_params": str(model.num_params()),
-                STATUS_TAG: RUNNING,
-                **(tags or {}),
-            },
-            parent_run_id=parent_run_id,
-            run_id=run_id,
-        )
-
-    try:
-        logger = start_logger(earlier)
-    except ValueError:  # the earlier attempt's run is not in this store (tracking.uri changed)
-        if state is not None:
-            raise
-        earlier, logger = None, start_logger(None)
-    if logger.run_id is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_id_file.write_text(logger.run_id)
-    if earlier is not None:
-        logger.set_tags({"resumed_from_step": str(step)})
-
-    def save(status: str, result: dict | None = None) -> None:
-        if not distributed.is_rank0():  # the ranks hold the same state; one writes it
-            return
-        checkpoint.save(
-            ckpt_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "sampler": sampler.state_dict(),
-                "rng": checkpoint.rng_state(),
-                "step": step,
-                "history": history,
-                "run_id": logger.run_id,
-                "status": status,
-                "result": result,
-                "config": mask_tree(asdict(cfg)),  # a checkpoint may be copied or shared
-            },
-        )
-
-    def eval_now(splits: tuple[str, ...] = ("val",)) -> dict[str, float]:
-        metrics = {}
-        for split in splits:
-            metrics |= evaluate(
-                model,
-                held_out[split],
-                cfg.batch.size,
-                autocast,
-                cfg.eval.batch_stats,
-                cfg.eval.bln_switches,
-                split=split,
-            )
-        history["eval_step"].append(step)
-        for k, v in metrics.items():
-            history.setdefault(k, []).append(v)
-        logger.log_metrics(metrics, step=step)
-        return metrics
-
-    accum = cfg.grad_accum
-    tokens_per_step = accum * cfg.batch.size * cfg.seq.len
-    diverge_at = cfg.train.diverge_loss or 2 * math.log(cfg.model.vocab_size)
-    flops_per_step = model.flops_per_token(cfg.seq.len) * tokens_per_step
-    peak = peak_flops(device)
-    status, reason, metrics = FINISHED, "", {}
-    t_start, t_window, window_steps = time.perf_counter(), time.perf_counter(), 0
-    wall_before = history.get("wall_s", 0.0)
-    try:
-        with checkpoint.StopSignals() as signals:
-            while step < cfg.train.steps:
-                leak.probe_when_due(model, sampler, step, autocast, history, logger)
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                model.train()
-                inject_fault(cfg.train.fault, step + 1)
-                loss_sum = 0.0
-                for _ in range(accum):
-                    x, y = distributed.shard(*sampler.next_batch())
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with autocast():
-                        _, loss = fwd(x, y)
-                    (loss / accum).backward()  # mean over the optimizer step's micro-batches
-                    loss_sum += loss.item()
-                clip = cfg.optim.grad_clip or float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window_steps += 1
-                train_loss = distributed.mean(loss_sum / accum)  # every rank: the same verdict
-                history["train_step"].append(step)
-                history["train_loss"].append(train_loss)
-
-                if not math.isfinite(train_loss) or train_loss > diverge_at:
-                    status = DIVERGED
-                    reason = f"train loss {train_loss:.4g} at step {step} (limit {diverge_at:.3g})"
-                    break
-                if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    dt = time.perf_counter() - t_window
-                    tps = window_steps * tokens_per_step / dt
-                    m = {TRAIN_LOSS: train_loss, TRAIN_LR: lr, TRAIN_GRAD_NORM: grad_norm}
-                    m[TOKENS_PER_S] = tps
-                    if peak:
-                        m[MFU] = flops_per_step * window_steps / dt / peak
-                    logger.log_metrics(m, step=step)
-                    t_window, window_steps = time.perf_counter(), 0
-                if step % cfg.train.eval_interval == 0 or step == cfg.train.steps:
-                    # the test split is scored once, at the end: nothing during training reads it
-                    last = step == cfg.train.steps
-                    metrics = eval_now(("val", "test") if last else ("val",))
-                    stop = on_eval(step, metrics) if on_eval is not None else None
-                    stop = distributed.from_rank0(stop)  # rank 0 talks to the pruner
-                    t_window, window_steps = time.perf_counter(), 0  # eval is not training time
-                    if stop:
-                        status, reason = PRUNED, stop
-                        break
-                history["wall_s"] = wall_before + time.perf_counter() - t_start
-                received = distributed.signal_on_any_rank(signals.received)
-                if received is not None:
-                    save(RUNNING)
-                    logger.set_tags({STATUS_TAG: PREEMPTED, STATUS_REASON_TAG: "signal"})
-                    logger.end(RUN_KILLED)
-                    raise checkpoint.Preempted(step, received, ckpt_path)
-                ckpt_every = cfg.train.checkpoint_interval
-                if ckpt_every and step % ckpt_every == 0 and step < cfg.train.steps:
-                    save(RUNNING)
-                    t_window = time.perf_counter()  # the save is not training time
-    except checkpoint.Preempted:
-        raise
-    except BaseException as e:
-        logger.set_tags({STATUS_TAG: FAILED, STATUS_REASON_TAG: f"{type(e).__name__}: {e}"[:500]})
-        logger.end(RUN_FAILED)
-        raise
-
-    if status == FINISHED and step not in history["eval_step"]:
-        metrics = eval_now(("val", "test"))
-    wall = history.get("wall_s", 0.0)
-    logger.log_metrics({WALL_S: wall}, step=step)
-    result = {**metrics, "status": status, "step": step, "run_id": logger.run_id, "wall_s": wall}
-    if reason:
-        result["status_reason"] = reason
-    logger.set_tags({STATUS_TAG: status, **({STATUS_REASON_TAG: reason} if reason else {})})
-    if cfg.tracking.enabled and distributed.is_rank0():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        plot = run_dir / "loss_curve.png"
-        plot_losses(history, plot)
-        logger.log_artifact(plot)
-        cfg_yaml = run_dir / "config.yaml"
-        from omegaconf import OmegaConf
-
-        cfg_yaml.write_text(OmegaConf.to_yaml(mask_tree(asdict(cfg))))  # no URL password
-        logger.log_artifact(cfg_yaml)
-    save(status, result)
-    logger.end(RUN_FAILED if status == DIVERGED else RUN_FINISHED)  # pruned ends normally
-    return result
-
-
-def main() -> None:
-    from bln_sweeps.cli import train_main
-
-    sys.exit(train_main(sys.argv[1:]))
-
-
-if __name__ == "__main__":
-    main()
+    trainer = Trainer(cfg, run_dir, state)
+    trainer.start_tracking(state, parent_run_id, tags)
+    status, reason = trainer.train(on_eval)
+    return trainer.finish(status, reason)

@@ -252,7 +252,7 @@ def _row(params: dict, tokens_per_s: float, device: str) -> tuple:
 def calibrate(plan, cell_configs: list, steps: int = 3) -> dict[str, dict]:
     """Time `steps` optimizer steps (after one warm-up step) of each distinct cell shape on this
     machine. Returns {shape key: measurement}."""
-    from bln_sweeps.train import pick_device
+    from bln_sweeps.build import pick_device
 
     out: dict[str, dict] = {}
     for cfg in cell_configs:
@@ -268,7 +268,7 @@ def time_steps(cfg: Any, device, steps: int) -> dict:
     CUDA as training uses."""
     import torch
 
-    from bln_sweeps.train import build_model
+    from bln_sweeps.build import build_model
 
     model = build_model(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -10,14 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bln_sweeps.config import (
-    ConfigError,
-    SweepConfig,
-    compose,
-    expand_grid,
-    to_run_config,
-    validate,
-)
+from bln_sweeps.compose import compose, expand_grid
+from bln_sweeps.config import ConfigError, SweepConfig, to_run_config, validate
 from bln_sweeps.sweep.space import parse_space
 from bln_sweeps.tracking.contract import VAL_LOSS
 

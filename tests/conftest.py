@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from bln_sweeps.config import compose, to_run_config, validate
+from bln_sweeps.compose import compose
+from bln_sweeps.config import to_run_config, validate
 
 # Two cores on CI: keep torch from oversubscribing them when pytest runs alongside other work.
 torch.set_num_threads(min(2, torch.get_num_threads()))

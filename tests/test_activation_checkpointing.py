@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from bln_sweeps.model import GPT, gpt_config
+from bln_sweeps.build import flavour
+from bln_sweeps.model import GPT
 from bln_sweeps.norms import build_norm
 from bln_sweeps.train import run
 
@@ -18,7 +19,7 @@ from bln_sweeps.train import run
 )
 def test_checkpointing_gives_the_same_gradients_and_buffers(key, options):
     torch.manual_seed(0)
-    config = gpt_config("tiny", block_size=32, dropout=0.1)  # dropout: the RNG is replayed too
+    config = flavour("tiny", block_size=32, dropout=0.1)  # dropout: the RNG is replayed too
     plain = GPT(config, lambda site: build_norm(key, config.n_embd, **options)).train()
     ckpt = copy.deepcopy(plain)
     ckpt.set_activation_checkpointing(True)
@@ -35,7 +36,7 @@ def test_checkpointing_gives_the_same_gradients_and_buffers(key, options):
 
 def test_checkpointing_keeps_less_for_backward():
     """Bytes saved for backward, counted with saved-tensor hooks: the block insides go."""
-    config = gpt_config("tiny", block_size=64)
+    config = flavour("tiny", block_size=64)
     model = GPT(config).train()
     idx = torch.zeros(2, 64, dtype=torch.long)
 

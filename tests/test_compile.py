@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch._dynamo
 
-from bln_sweeps.model import GPT, gpt_config
+from bln_sweeps.build import flavour
+from bln_sweeps.model import GPT
 from bln_sweeps.norms import NORMS, build_norm
 from bln_sweeps.train import run
 
@@ -85,7 +86,7 @@ def test_compiled_norm_matches_eager_without_breaks_or_recompiles(label, key, op
 
 def tiny_gpt(key: str, options: dict) -> GPT:
     torch.manual_seed(0)
-    config = gpt_config("tiny", n_layer=1, block_size=T)
+    config = flavour("tiny", n_layer=1, block_size=T)
     return GPT(config, lambda site: build_norm(key, config.n_embd, **options))
 
 

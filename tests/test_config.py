@@ -5,11 +5,10 @@ from dataclasses import asdict
 import pytest
 from omegaconf import OmegaConf
 
+from bln_sweeps.compose import compose, expand_grid
 from bln_sweeps.config import (
     CONF_DIR,
     ConfigError,
-    compose,
-    expand_grid,
     group_options,
     to_run_config,
     validate,
@@ -121,7 +120,8 @@ def test_config_module_is_torch_free():
     import sys
 
     code = (
-        "import sys; from bln_sweeps.config import compose, to_run_config; "
+        "import sys; from bln_sweeps.compose import compose; "
+        "from bln_sweeps.config import to_run_config; "
         "to_run_config(compose(['norm=bln'])); sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -17,15 +17,16 @@ from bln_sweeps.data import (
     STORE,
     BatchSampler,
     build_data,
+    build_run_data,
     check_data,
     check_vocab,
     eval_windows,
     get_batch,
-    main,
     read_shard,
     synthetic_tokens,
     write_shard,
 )
+from bln_sweeps.prepare import main
 
 V = 512
 
@@ -208,13 +209,13 @@ def test_build_data_errors_name_the_key(kwargs, key, words, tmp_path):
 
 
 def test_build_data_from_a_run_config(make_cfg, tmp_path):
-    data = build_data(make_cfg(tracking=False))  # conftest: 50,000 / 10,000 synthetic tokens
+    data = build_run_data(make_cfg(tracking=False))  # conftest: 50,000 / 10,000 synthetic tokens
     assert (len(data.train), len(data.val), data.vocab_size) == (50_000, 10_000, 512)
     for split in ("train", "val"):  # nanoGPT layout, ids up to 599
         (np.arange(5000) % 600).astype(np.uint16).tofile(tmp_path / f"{split}.bin")
     with pytest.raises(ConfigError, match="model.vocab_size=512"):
         check_data(make_cfg("data=tokens", f"data.path={tmp_path}", tracking=False))
-    data = build_data(make_cfg("data=tokens", f"data.path={tmp_path}", "model.vocab_size=600"))
+    data = build_run_data(make_cfg("data=tokens", f"data.path={tmp_path}", "model.vocab_size=600"))
     assert isinstance(data.train, np.memmap) and data.vocab_size == 600
 
 
@@ -226,7 +227,7 @@ def test_check_vocab():
 
 def bln_prepare(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, "-m", "bln_sweeps.data", *map(str, args)],
+        [sys.executable, "-m", "bln_sweeps.prepare", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -309,6 +310,6 @@ def test_prepare_without_datasets_or_bpe_files_says_what_to_do(tmp_path, monkeyp
 
 
 def test_prepare_help_does_not_import_torch():
-    code = "import sys, bln_sweeps.data; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, bln_sweeps.prepare; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
     assert bln_prepare("--help").returncode == 0

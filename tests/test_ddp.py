@@ -24,7 +24,8 @@ RANK_SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys
     from bln_sweeps import checkpoint
-    from bln_sweeps.config import compose, to_run_config, validate
+    from bln_sweeps.compose import compose
+    from bln_sweeps.config import to_run_config, validate
     from bln_sweeps.train import run
 
     cfg = validate(to_run_config(compose(sys.argv[1:])))

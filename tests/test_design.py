@@ -237,14 +237,14 @@ def test_expand_edges_leaves_a_cell_without_edges_alone(tmp_path):
 
 
 def test_test_windows_are_identical_across_batch_sizes_and_disjoint_from_val(make_cfg):
-    from bln_sweeps.data import build_data, eval_splits, eval_windows
+    from bln_sweeps.build import build_model
+    from bln_sweeps.data import build_run_data, eval_splits, eval_windows
     from bln_sweeps.evaluate import evaluate
-    from bln_sweeps.train import build_model
 
     sets = {}
     for batch in ("b4", "b16"):
         cfg = make_cfg("norm=layernorm", f"batch={batch}", tracking=False)
-        splits = eval_splits(build_data(cfg).val)
+        splits = eval_splits(build_run_data(cfg).val)
         sets[batch] = {s: eval_windows(t, cfg.seq.len, cfg.eval.tokens) for s, t in splits.items()}
     for split in ("val", "test"):
         x4, y4 = sets["b4"][split]
@@ -252,7 +252,7 @@ def test_test_windows_are_identical_across_batch_sizes_and_disjoint_from_val(mak
         assert torch.equal(x4, x16) and torch.equal(y4, y16)
         assert x4.shape == (cfg.eval.tokens // cfg.seq.len, cfg.seq.len)
     # the two splits come from the two halves of the held-out tokens: no shared token position
-    val_tokens = build_data(cfg).val
+    val_tokens = build_run_data(cfg).val
     half = len(val_tokens) // 2
     val, test = eval_splits(val_tokens)["val"][0], eval_splits(val_tokens)["test"][0]
     assert len(val) == half and len(val) + len(test) == len(val_tokens)
@@ -278,7 +278,7 @@ def test_runs_log_the_test_split_beside_val(make_cfg):
 
 def trained_powernorm(make_cfg):
     """A PowerNorm model past its warm-up, with running statistics that moved."""
-    from bln_sweeps.train import build_model
+    from bln_sweeps.build import build_model
 
     cfg = make_cfg("norm=powernorm", "norm.options.warmup_steps=2", tracking=False)
     model = build_model(cfg)
@@ -308,7 +308,7 @@ def test_evaluation_does_not_depend_on_batch_order(make_cfg):
 
     for norm in ("bln", "batchnorm", "powernorm"):
         cfg = make_cfg(f"norm={norm}", tracking=False)
-        from bln_sweeps.train import build_model
+        from bln_sweeps.build import build_model
 
         model = build_model(cfg)
         model.train()

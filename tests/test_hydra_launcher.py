@@ -107,7 +107,7 @@ def test_slurm_checkpoint_signal_requeues_and_the_run_resumes(slurm_cluster, tmp
     args = [*GRID[:2], "norm=layernorm", *GRID[3:], "train.steps=200", "train.eval_interval=100"]
     args += ["train.checkpoint_interval=4", "train.log_interval=50", f"tracking.uri={uri}"]
     driver = subprocess.Popen(
-        [sys.executable, "-m", "bln_sweeps.train", *args, *SLURM],
+        [sys.executable, "-m", "bln_sweeps.cli", *args, *SLURM],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

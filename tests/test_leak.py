@@ -118,11 +118,11 @@ def test_every_run_logs_its_probes_and_the_measured_leaky_tag(make_cfg, mlflow_u
 def test_a_mis_declared_norm_is_tagged_and_said_in_one_line(
     make_cfg, mlflow_uri, monkeypatch, capsys
 ):
-    import bln_sweeps.train as train
+    import bln_sweeps.build as build
 
-    real = train.build_norm
+    real = build.build_norm
     monkeypatch.setattr(
-        train,
+        build,
         "build_norm",
         lambda name, dim, **o: (
             LyingBatchNorm(dim, **o) if name == "batchnorm" else real(name, dim, **o)
@@ -170,10 +170,11 @@ def test_bad_switches_are_one_line_and_exit_2(override, key, tmp_path, monkeypat
 
 def test_probe_is_cheap_on_the_tiny_model():
     """Three forward passes of the tiny model (B=8, T=128): reported, never asserted as time."""
-    from bln_sweeps.model import GPT, gpt_config
+    from bln_sweeps.build import flavour
+    from bln_sweeps.model import GPT
     from bln_sweeps.norms import build_norm
 
-    cfg = gpt_config("tiny", block_size=128)
+    cfg = flavour("tiny", block_size=128)
     model = GPT(cfg, lambda site: build_norm("bln", cfg.n_embd, batch_size=8, max_len=128))
     x = torch.randint(0, cfg.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
     report = leak.probe(model, x, step=0)

@@ -189,7 +189,7 @@ def test_help_names_every_subcommand_the_readme_documents():
 
 def test_bln_train_help_shows_the_tool_before_hydras_lists():
     p = subprocess.run(
-        [sys.executable, "-m", "bln_sweeps.train", "--help"],
+        [sys.executable, "-m", "bln_sweeps.cli", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -207,8 +207,8 @@ def test_bln_train_help_shows_the_tool_before_hydras_lists():
 
 def test_flops_per_token_from_the_config_equals_the_models_count():
     pytest.importorskip("torch")
+    from bln_sweeps.build import build_model
     from bln_sweeps.config import ModelConfig, RunConfig
-    from bln_sweeps.train import build_model
     from launchers.cost import flops_per_token
 
     for cfg in (

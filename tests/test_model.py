@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bln_sweeps.build import flavour
 from bln_sweeps.evaluate import bln_switches, frozen_buffers
-from bln_sweeps.model import GPT, GPTConfig, gpt_config
+from bln_sweeps.model import GPT, GPTConfig
 from bln_sweeps.norms import NORMS, build_norm
 
 T, B, K = 12, 4, (1, 6, 11)  # sequence length, batch, perturbed positions (1, T/2, T-1)
@@ -163,7 +164,7 @@ def test_batch_of_one_trains_and_stays_finite(label, key, options):
 
 
 def test_gpt2_124m_parameter_count_and_norm_sites():
-    model = GPT(gpt_config("gpt2_124m"))  # block_size 1024, vocab 50257, biases
+    model = GPT(flavour("gpt2_124m", block_size=1024))  # block_size 1024, vocab 50257, biases
     assert model.num_params() == 124_439_808
     assert len(model.norm_modules()) == 25
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -174,7 +175,7 @@ def test_gpt2_124m_parameter_count_and_norm_sites():
 )
 def test_gpt2_124m_parameter_count_per_norm(key, norm_params):
     options = {"batch_size": 8} if key == "bln" else {}
-    cfg = gpt_config("gpt2_124m")
+    cfg = flavour("gpt2_124m", block_size=1024)
     with torch.device("meta"):  # sizes only; no 124M init on CPU
         model = GPT(cfg, lambda site: build_norm(key, cfg.n_embd, **options))
     assert model.num_params() == 124_439_808 - 38_400 + norm_params
@@ -304,7 +305,7 @@ PARAM_COUNTS = [
 @pytest.mark.parametrize("key, placement, qk_norm, expected", PARAM_COUNTS)
 def test_gpt2_124m_parameter_count_per_placement(key, placement, qk_norm, expected):
     options = {"batch_size": 8} if key == "bln" else {}
-    cfg = gpt_config("gpt2_124m", norm_placement=placement, qk_norm=qk_norm)
+    cfg = flavour("gpt2_124m", block_size=1024, norm_placement=placement, qk_norm=qk_norm)
     with torch.device("meta"):  # sizes only
         model = GPT(cfg, lambda site: build_norm(key, cfg.n_embd, **options))
     assert model.num_params() == expected
@@ -342,7 +343,7 @@ def check_compiled(qk_norm, backend, atol):
 
 
 def test_dyt_alpha_init_per_site_from_the_config(make_cfg):
-    from bln_sweeps.train import build_model
+    from bln_sweeps.build import build_model
 
     cfg = make_cfg(
         "norm=dyt",
@@ -359,7 +360,7 @@ def test_dyt_alpha_init_per_site_from_the_config(make_cfg):
 
 
 def test_a_site_may_use_another_variant(make_cfg):
-    from bln_sweeps.train import build_model
+    from bln_sweeps.build import build_model
 
     cfg = make_cfg(
         "norm=bln", "model.norm_placement=peri", "+norm.sites.ln_2_out.name=rmsnorm", tracking=False

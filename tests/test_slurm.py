@@ -468,7 +468,8 @@ def test_interrupted_worker_is_requeued_and_resumes_the_same_trial(
     a bare `scontrol requeue` (SIGTERM, SLURM restarts the task). Either way the requeued task
     resumes the same Optuna trial in the same MLflow run from a checkpoint, never from scratch,
     and ends with exactly the validation loss of an uninterrupted run."""
-    from bln_sweeps.config import compose, to_run_config, validate
+    from bln_sweeps.compose import compose
+    from bln_sweeps.config import to_run_config, validate
     from bln_sweeps.sweep.manifest import load_manifest
     from bln_sweeps.sweep.trial_config import trial_overrides
     from bln_sweeps.train import run

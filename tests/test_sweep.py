@@ -376,7 +376,8 @@ def test_sweep_on_postgresql_storage(tmp_path, postgres_url):
 def test_trial_config_equals_composing_the_trial_overrides(tmp_path, params):
     """Workers compose a cell once and set sampled values on a copy: the result must be exactly
     what Hydra composes from the trial's overrides."""
-    from bln_sweeps.config import compose, to_run_config, validate
+    from bln_sweeps.compose import compose
+    from bln_sweeps.config import to_run_config, validate
     from bln_sweeps.sweep.trial_config import trial_overrides
     from bln_sweeps.sweep.worker import Worker
 

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bln_sweeps.config import ConfigError, compose, to_run_config, validate
+from bln_sweeps.compose import compose
+from bln_sweeps.config import ConfigError, to_run_config, validate
 from bln_sweeps.norms import build_norm
 
 B, T, C, RANKS = 4, 8, 12, 2

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from bln_sweeps import checkpoint
+from bln_sweeps.build import build_model
 from bln_sweeps.config import group_options
 from bln_sweeps.evaluate import ALL_BLN_SWITCHES, evaluate
-from bln_sweeps.train import build_model, run
+from bln_sweeps.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +130,7 @@ def test_powernorm_warmup_counts_optimizer_steps(make_cfg):
 
 def bln_train(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "bln_sweeps.train", *args],
+        [sys.executable, "-m", "bln_sweeps.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

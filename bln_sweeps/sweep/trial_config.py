@@ -38,7 +38,8 @@ class TrialConfigs:
 
         from omegaconf import OmegaConf
 
-        from bln_sweeps.config import ALL_GROUPS, compose, to_run_config, validate
+        from bln_sweeps.compose import compose
+        from bln_sweeps.config import ALL_GROUPS, to_run_config, validate
 
         def leaf(tree, key: str) -> bool:
             value = OmegaConf.select(tree, key, default=KeyError)

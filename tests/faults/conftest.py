@@ -46,7 +46,7 @@ def quiet_env(**extra: str) -> dict[str, str]:
 
 
 def cli(module: str, *args: str, cwd: Path, timeout: float = 900, env=None, **kw):
-    """`python -m <module> args...` (bln_sweeps.train, launchers, analysis) as a user runs it."""
+    """`python -m <module> args...` (bln_sweeps.cli, launchers, analysis) as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd,

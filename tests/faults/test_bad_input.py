@@ -402,7 +402,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(
 def test_the_console_scripts_answer_as_the_in_process_rows(tmp_path):
     """The catalogue calls the scripts' main functions; the installed entry points agree."""
     for module, args, key in (
-        ("bln_sweeps.train", ["model.n_head=0"], "model.n_head"),
+        ("bln_sweeps.cli", ["model.n_head=0"], "model.n_head"),
         ("launchers", ['sweep.name="it\'s"'], "sweep.name"),
         ("analysis", ["x", "--format", ""], "--format"),
     ):

@@ -66,7 +66,7 @@ def final_val_loss(uri: str, experiment: str) -> tuple[float, object]:
 def train(tmp_path, out_dir: Path, experiment: str):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [*RUN, f"train.out_dir={out_dir}", f"tracking.uri={uri}"]
-    return cli("bln_sweeps.train", *args, f"tracking.experiment={experiment}", cwd=tmp_path), uri
+    return cli("bln_sweeps.cli", *args, f"tracking.experiment={experiment}", cwd=tmp_path), uri
 
 
 def undisturbed(tmp_path) -> tuple[float, int]:
@@ -119,14 +119,14 @@ def test_full_disk_at_the_final_checkpoint_ends_the_run_failed_not_running(tmp_p
     disk = small_disk(size // 2)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [*RUN, "train.checkpoint_interval=0", f"train.out_dir={disk}", f"tracking.uri={uri}"]
-    p = cli("bln_sweeps.train", *args, "tracking.experiment=last", cwd=tmp_path)
+    p = cli("bln_sweeps.cli", *args, "tracking.experiment=last", cwd=tmp_path)
     assert p.returncode != 0 and "No space left on device" in p.stderr
     _, run = final_val_loss(uri, "last")
     assert run.info.status == "FAILED" and run.data.tags["status"] == "failed"
     assert "No space left on device" in run.data.tags["status_reason"]
 
     small_disk(64 << 20)  # room again: the same command ends in the same MLflow run
-    p = cli("bln_sweeps.train", *args, "tracking.experiment=last", cwd=tmp_path)
+    p = cli("bln_sweeps.cli", *args, "tracking.experiment=last", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     resumed, again = final_val_loss(uri, "last")
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"

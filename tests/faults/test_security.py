@@ -62,7 +62,7 @@ def evil_run(tmp_path_factory):
     out_dir = root / ("out " + payloads(marks)[0].replace("/", "_"))
     uri = f"sqlite:///{root}/store/mlflow.db"
     p = cli(
-        "bln_sweeps.train",
+        "bln_sweeps.cli",
         *["train.steps=4", "train.eval_interval=2", "eval.tokens=512", "seq.len=64"],
         *["data.n_train_tokens=20000", "data.n_val_tokens=4000", f"tracking.uri={uri}"],
         f"tracking.experiment='{experiment}'",
@@ -349,7 +349,7 @@ def test_a_url_password_given_to_bln_train_is_found_nowhere(tmp_path):
     try:
         uri = f"postgresql://postgres:{quote(password, safe='/:')}@127.0.0.1:5432/{db}"
         p = cli(
-            "bln_sweeps.train",
+            "bln_sweeps.cli",
             *["train.steps=4", "train.eval_interval=2", "eval.tokens=256", "seq.len=64"],
             *["data.n_train_tokens=20000", "data.n_val_tokens=4000", "train.checkpoint_interval=2"],
             f"tracking.uri={uri}",

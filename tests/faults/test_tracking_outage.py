@@ -81,7 +81,7 @@ def test_training_rides_out_a_tracking_server_outage(tmp_path):
     log = open(tmp_path / "server.log", "w")
     server = start_server(tmp_path, port, log)
     train = subprocess.Popen(
-        [sys.executable, "-m", "bln_sweeps.train", *RUN, f"tracking.uri={uri}"]
+        [sys.executable, "-m", "bln_sweeps.cli", *RUN, f"tracking.uri={uri}"]
         + [f"train.out_dir={tmp_path}/runs"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
