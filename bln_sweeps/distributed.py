@@ -12,7 +12,11 @@ verdict, a preemption signal that reached one rank) is agreed on by collective o
 is left waiting in an all-reduce the others never join.
 """
 
+import gc
 import os
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -57,8 +61,38 @@ def setup(device: torch.device, timeout: timedelta = timedelta(minutes=10)) -> t
 
 
 def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """End the process group, on every rank together (a barrier first), when no collective is
+    pending anywhere. DDP and its reducer sit in reference cycles (their hooks hold the module),
+    so they may outlive the run that made them; collected here, while the interpreter is whole.
+    Left to interpreter exit, gloo's threads free their tensors during finalization and a
+    finished rank aborts ("terminate called without an active exception", pytorch#190489)."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+@contextmanager
+def group_of_this_run() -> Iterator[None]:
+    """The process group of a `bln-train` run started as N ranks (torchrun): `train.run` joins
+    it (setup) and this ends it when the run returns or is preempted, which every rank agrees on.
+    A group set up by someone else (the sweep worker) is left to them. A run that failed on one
+    rank alone leaves the group as it is: the other ranks may wait in a collective, and a
+    teardown would hang; that process is ending with the error anyway."""
+    from bln_sweeps.checkpoint import Preempted
+
+    owned = requested() and not dist.is_initialized()
+    try:
+        yield
+    except Preempted as e:
+        if owned:
+            traceback.clear_frames(e.__traceback__)  # the run's frames hold the DDP model
+            teardown()
+        raise
+    if owned:
+        teardown()
 
 
 def _collective_device() -> torch.device:

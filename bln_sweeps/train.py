@@ -428,6 +428,13 @@ def run(
     state = checkpoint.load(run_dir / checkpoint.CKPT_NAME) if cfg.train.resume else None
     if state is not None and state["status"] != RUNNING:
         return state["result"]
+    with distributed.group_of_this_run():
+        return _train(cfg, run_dir, state, parent_run_id, tags, on_eval)
+
+
+def _train(cfg, run_dir, state, parent_run_id, tags, on_eval) -> dict:
+    """The run's steps. Its own frame, so that the Trainer (and the DDP model it holds) is
+    gone when the process group of a multi-rank run ends."""
     trainer = Trainer(cfg, run_dir, state)
     trainer.start_tracking(state, parent_run_id, tags)
     status, reason = trainer.train(on_eval)

@@ -19,7 +19,9 @@ COMMON = ("train.steps=6", "train.eval_interval=3", "seq=s128", "seed=5")
 GLOBAL_BN = ("norm=batchnorm", "norm.options.sync=global")  # leaky, but the same as one process
 
 # A rank: compose the config as the fixtures do, run, and report what it saw. SIGNAL_AT makes
-# rank 1 alone receive SIGUSR1 (what SLURM sends before preempting) at that evaluation step.
+# rank 1 alone receive SIGUSR1 (what SLURM sends before preempting) at that evaluation step. A run
+# started as ranks ends its process group itself, finished or preempted (a group left to
+# interpreter exit can abort a finished rank).
 RANK_SCRIPT = textwrap.dedent(
     """
     import json, os, signal, sys
@@ -35,10 +37,14 @@ RANK_SCRIPT = textwrap.dedent(
         if step == signal_at and os.environ["RANK"] == "1":
             os.kill(os.getpid(), signal.SIGUSR1)
 
+    import torch.distributed as dist
+
     try:
         result = run(cfg, on_eval=on_eval)
+        assert not dist.is_initialized(), "run left its process group alive"
         print("RESULT", json.dumps(result))
     except checkpoint.Preempted as e:
+        assert not dist.is_initialized(), "a preempted run left its process group alive"
         print("PREEMPTED", e.step)
     """
 )
