@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.export import render
+from bln_sweeps.tracking.contract import GIT_DIRTY_TAG, GIT_SHA_TAG
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
@@ -99,8 +100,9 @@ def facts(table: pd.DataFrame, runs: pd.DataFrame, manifest: dict | None, ended:
     rows = []
     if manifest:
         rows.append(("command", manifest.get("command", "—")))
-    shas = sorted(set(runs["tags.git.sha"].dropna())) if "tags.git.sha" in runs else []
-    dirty = "tags.git.dirty" in runs and (runs["tags.git.dirty"].astype(str) == "true").any()
+    sha_col, dirty_col = f"tags.{GIT_SHA_TAG}", f"tags.{GIT_DIRTY_TAG}"
+    shas = sorted(set(runs[sha_col].dropna())) if sha_col in runs else []
+    dirty = dirty_col in runs and (runs[dirty_col].astype(str) == "true").any()
     sha = ", ".join(shas) or "unknown"
     rows.append(("code", sha + (" (uncommitted changes in some runs)" if dirty else "")))
     gpu, cpu = float(table["gpu_hours"].sum()), float(table["cpu_hours"].sum())

@@ -17,6 +17,7 @@ import hydra
 
 from bln_sweeps.compose import compose, expand_grid, register_configs
 from bln_sweeps.config import CONF_DIR, NORM_SITES, ConfigError, to_run_config, validate
+from bln_sweeps.tracking.contract import VAL_LOSS
 
 HYDRA_FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd"}
 
@@ -147,7 +148,7 @@ def task(cfg) -> float | None:
     print(f"[{rc.norm.name} b{rc.batch.size} s{rc.seq.len}] {result['status']} · {line}")
     if result.get("status_reason"):
         print(f"  reason: {result['status_reason']}")
-    return result.get("val/loss")
+    return result.get(VAL_LOSS)
 
 
 def hydra_main(argv: list[str]) -> int:

@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from bln_sweeps.tracking.contract import VAL_LOSS
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 # Norms whose train-mode statistics pool over the batch: they cannot train on one token.
@@ -329,7 +331,7 @@ class SweepSection:
 class SearchConfig:
     n_trials: int = 8  # trials per cell (complete + pruned + failed count against it)
     confirm_seeds: int = 3  # the best trial re-run with seeds seed+1..seed+k (search: seed)
-    metric: str = "val/loss"  # minimised; population statistics on the selection split
+    metric: str = VAL_LOSS  # minimised; population statistics on the selection split
     sampler: str = "tpe"  # tpe | random | qmc | gp
     startup_trials: int | None = None  # random trials before TPE/GP model; None: n_trials // 3
     expand_edges: bool = False  # widen a range whose best lies at an edge, once per cell

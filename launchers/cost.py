@@ -164,15 +164,15 @@ def load_calibration(sweeps_dir: Path) -> dict:
 def store_throughput(uri: str | None, kind: str) -> dict[str, tuple[float, int]]:
     """{model name: (median achieved FLOP/s, runs)} over finished runs on `kind` (cpu | cuda).
 
-    Read-only: a SQLite store is opened read-only (a missing file is no data, never a new
-    store), a server is asked with a short timeout; anything unreachable is no data, since the
-    estimate falls back to the next source."""
+    A missing SQLite file is no data (never a new store), a server is asked with a short
+    timeout; anything unreachable is no data, since the estimate falls back to the next source."""
+    from bln_sweeps.tracking.uri import SERVER_SCHEMES, sqlite_path
+
     rows: list[tuple[str, float, int, dict]] = []
     try:
-        if uri and uri.startswith("sqlite:///"):
-            rows = _sqlite_rows(Path(uri.removeprefix("sqlite:///")))
-        elif uri and uri.startswith(("http://", "https://")):
-            rows = _server_rows(uri)
+        db = sqlite_path(uri) if uri else None
+        if (db is not None and db.is_file()) or (uri and uri.startswith(SERVER_SCHEMES)):
+            rows = _store_rows(uri)
     except Exception:
         return {}
     by_model: dict[str, list[float]] = {}
@@ -189,36 +189,9 @@ def store_throughput(uri: str | None, kind: str) -> dict[str, tuple[float, int]]
 MODEL_KEYS = ("name", "n_embd", "n_layer", "vocab_size", "bias")
 
 
-def _sqlite_rows(db: Path) -> list:
-    import sqlite3
-
-    from bln_sweeps.tracking.contract import DEVICE_TAG, RUN_FINISHED, TOKENS_PER_S, metric_key
-
-    if not db.is_file():
-        return []
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        keys = ", ".join(f"'model.{k}'" for k in MODEL_KEYS)
-        rows = con.execute(
-            f"""
-            select m.run_uuid, m.value, p.key, p.value, t.value
-            from latest_metrics m
-            join runs r on r.run_uuid = m.run_uuid and r.status = '{RUN_FINISHED}'
-            join params p on p.run_uuid = m.run_uuid and p.key in ({keys}, 'seq.len')
-            left join tags t on t.run_uuid = m.run_uuid and t.key = '{DEVICE_TAG}'
-            where m.key = '{metric_key(TOKENS_PER_S)}'
-            """
-        ).fetchall()
-    finally:
-        con.close()
-    runs: dict[str, dict] = {}
-    for run, tps, key, value, device in rows:
-        r = runs.setdefault(run, {"tps": tps, "device": device or "", "params": {}})
-        r["params"][key] = value
-    return [_row(r["params"], r["tps"], r["device"]) for r in runs.values()]
-
-
-def _server_rows(uri: str) -> list:
+def _store_rows(uri: str) -> list:
+    """Finished runs with a throughput, through MLflow's client (its tables are analysis's
+    business, analysis/_mlflow_sql.py); a server gets a short timeout and no retries."""
     import os
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from bln_sweeps.tracking.contract import GIT_DIRTY_TAG, GIT_SHA_TAG
+
 PACKAGES = ("bln_sweeps", "launchers", "analysis", "hydra_plugins", "conf")
 VERSION_FILE = "CODE_VERSION.json"
 
@@ -43,11 +45,11 @@ def git_version(root: Path) -> dict[str, str]:
         return p.stdout.strip() if p.returncode == 0 else None
 
     if git("ls-files", "--error-unmatch", "bln_sweeps/__init__.py") is None:
-        return {"git.sha": "unknown", "git.dirty": "unknown"}
+        return {GIT_SHA_TAG: "unknown", GIT_DIRTY_TAG: "unknown"}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {
-        "git.sha": git("rev-parse", "HEAD") or "unknown",
-        "git.dirty": "unknown" if status is None else str(bool(status)).lower(),
+        GIT_SHA_TAG: git("rev-parse", "HEAD") or "unknown",
+        GIT_DIRTY_TAG: "unknown" if status is None else str(bool(status)).lower(),
     }
 
 

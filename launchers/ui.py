@@ -152,8 +152,10 @@ def check_store(uri: str) -> None:
         except (urllib.error.URLError, OSError) as e:
             reason = str(getattr(e, "reason", e))
         raise InputError(f"tracking server {uri} is unreachable: {reason}")
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    from bln_sweeps.tracking.uri import sqlite_path
+
+    db = sqlite_path(uri)
+    if db is not None:
         if not db.is_file():
             raise InputError(f"tracking store {uri}: no such file")
         with open(db, "rb") as f:  # MLflow would try to migrate a damaged file in place

@@ -505,3 +505,19 @@ def test_gpt2_norms_experiment_composes_with_per_norm_searches_and_an_estimate()
     per_cell = runs * 1000 * 2**19 * flops_per_token(plan.cell_configs[0].model, 2048)
     assert est.unit == "GPU-hours"
     assert est.hours == pytest.approx(8 * per_cell / 300e12 / 3600)
+
+
+def test_dry_run_throughput_comes_from_the_finished_runs_of_a_store(make_cfg, tmp_path):
+    """The estimate's measured source: finished runs in the tracking store, per model and device
+    kind, read through MLflow's client; a missing SQLite file is no data and stays missing."""
+    from bln_sweeps.train import run
+    from launchers.cost import store_throughput
+
+    uri = f"sqlite:///{tmp_path}/store.db"
+    result = run(make_cfg(f"tracking.uri={uri}"))
+    measured = store_throughput(uri, "cpu")
+    assert list(measured) == ["tiny"] and measured["tiny"][1] == 1
+    assert measured["tiny"][0] > 0 and result["status"] == "finished"
+    assert store_throughput(uri, "cuda") == {}
+    missing = tmp_path / "none.db"
+    assert store_throughput(f"sqlite:///{missing}", "cpu") == {} and not missing.exists()

@@ -18,6 +18,8 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from bln_sweeps.tracking.contract import GIT_DIRTY_TAG, GIT_SHA_TAG
+
 # The bln_sweeps package directory (this module sits in bln_sweeps/tracking/), and the directory
 # above it: a job's code snapshot, or the checkout.
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -73,18 +75,18 @@ def _git_tags() -> dict[str, str]:
     if version.exists():
         facts = json.loads(version.read_text())
         return {
-            "git.sha": facts.get("git.sha", "unknown"),
-            "git.dirty": facts.get("git.dirty", "unknown"),
+            GIT_SHA_TAG: facts.get(GIT_SHA_TAG, "unknown"),
+            GIT_DIRTY_TAG: facts.get(GIT_DIRTY_TAG, "unknown"),
             "code.snapshot": str(_SNAPSHOT),
         }
     # A package installed into a venv that sits inside some checkout is not that checkout's
     # code: require the package's own files to be tracked.
     if not _git("ls-files", "--error-unmatch", "__init__.py"):
-        return {"git.sha": "unknown", "git.dirty": "unknown"}
+        return {GIT_SHA_TAG: "unknown", GIT_DIRTY_TAG: "unknown"}
     sha = _git("rev-parse", "HEAD") or "unknown"
     status = _git("status", "--porcelain", "--untracked-files=no")
     dirty = "unknown" if status is None else str(bool(status)).lower()
-    return {"git.sha": sha, "git.dirty": dirty}
+    return {GIT_SHA_TAG: sha, GIT_DIRTY_TAG: dirty}
 
 
 def _version(dist: str) -> str:
