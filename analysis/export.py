@@ -117,14 +117,22 @@ def _json_value(v):
 def display(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(text, bold): the table formatted for reading, and where the best value of each
     column is (lowest loss and Δ, highest throughput)."""
-    a = table.attrs
-    metric, baseline = a.get("metric", "metric"), a.get("baseline")
-    maximize = a.get("higher_is_better", False)
-    pct = f"{round(100 * a.get('confidence', 0.95))}%"
-    axes = a.get("axes", [c for c in (NORM, BATCH, SEQ) if c in table])
-    cols: dict[str, list] = {}
-    best: dict[str, pd.Series] = {}
+    cols: dict[str, list] = {}  # label -> one text per row, in reading order
+    best: dict[str, pd.Series] = {}  # label -> which rows to bold
+    _axis_columns(table, cols)
+    _metric_columns(table, cols, best)
+    _mode_columns(table, cols, best)
+    _run_columns(table, cols, best)
+    text = pd.DataFrame(cols)
+    bold = pd.DataFrame(False, index=text.index, columns=text.columns)
+    for c, mask in best.items():
+        bold[c] = mask.to_numpy()
+    return text, bold
 
+
+def _axis_columns(table: pd.DataFrame, cols: dict) -> None:
+    """The cell's axes (a leaky norm marked) and its rank."""
+    axes = table.attrs.get("axes", [c for c in (NORM, BATCH, SEQ) if c in table])
     for axis in axes:
         label = AXIS_LABELS.get(axis, axis)
         values = [_text(v) for v in table[axis]]
@@ -135,6 +143,14 @@ def display(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
             ]
         cols[label] = values
     cols["rank"] = [_text(v) for v in table["rank"]]
+
+
+def _metric_columns(table: pd.DataFrame, cols: dict, best: dict) -> None:
+    """The headline metric (mean ± CI), its seeds, and Δ vs the baseline with both p-values."""
+    a = table.attrs
+    metric, baseline = a.get("metric", "metric"), a.get("baseline")
+    maximize = a.get("higher_is_better", False)
+    pct = f"{round(100 * a.get('confidence', 0.95))}%"
     head = f"{metric} (mean ± {pct} CI)"
     cols[head] = [_pm(m, m - lo) for m, lo in zip(table["mean"], table["ci_low"], strict=True)]
     best[head] = _best(table["mean"], maximize)
@@ -154,6 +170,10 @@ def display(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
             f"{_g(p)}{' *' if s is not pd.NA and s else ''}" if np.isfinite(p) else "—"
             for p, s in zip(table["p_holm"], table["significant"], strict=True)
         ]
+
+
+def _mode_columns(table: pd.DataFrame, cols: dict, best: dict) -> None:
+    """Every held-out loss (inference mode), the batch − population gap, and the best trial."""
     for m in [c for c in table.columns if c.startswith((VAL_LOSS, TEST_LOSS))]:
         cols[m] = [_f(v) for v in table[m]]
         best[m] = _best(table[m], False)
@@ -165,6 +185,10 @@ def display(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
             "—" if not isinstance(p, str) else f"{p} ({_f(v)})" + (f" {EDGE_MARK}" if e else "")
             for p, v, e in zip(table["best_params"], table["best_value"], at_edge, strict=True)
         ]
+
+
+def _run_columns(table: pd.DataFrame, cols: dict, best: dict) -> None:
+    """Run counts by outcome, compute spent, and throughput."""
     cols["runs ok/pruned/div/failed"] = [
         f"{r.n_finished}/{r.n_pruned}/{r.n_diverged}/{r.n_failed}" for r in table.itertuples()
     ]
@@ -176,12 +200,6 @@ def display(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     if table["tokens_per_s"].notna().any():
         cols["tokens/s"] = [_thousands(v) for v in table["tokens_per_s"]]
         best["tokens/s"] = _best(table["tokens_per_s"], True)
-
-    text = pd.DataFrame(cols)
-    bold = pd.DataFrame(False, index=text.index, columns=text.columns)
-    for c, mask in best.items():
-        bold[c] = mask.to_numpy()
-    return text, bold
 
 
 def pivot_display(table: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -189,63 +189,86 @@ def edge_note(key: str, dist, value) -> str | None:
 
 
 def cell_figure(trials, space: dict, best) -> bytes:
+    """A cell's search as a PNG: the objective against each searched key (the range's edges and
+    their inner tenths shaded), then the optimization history."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def shown(t) -> float | None:
-        """A trial's objective, or a pruned trial's last reported value."""
-        if t.state.name == "COMPLETE":
-            return t.value
-        if t.state.name == "PRUNED" and t.intermediate_values:
-            return t.intermediate_values[max(t.intermediate_values)]
-        return None
-
     keys = list(space)
     fig, axs = plt.subplots(1, len(keys) + 1, figsize=(4.2 * (len(keys) + 1), 3.2), squeeze=False)
     axs = axs[0]
     for ax, key in zip(axs, keys, strict=False):
-        dist = space[key]
-        for state, marker, color in (("COMPLETE", "o", "C0"), ("PRUNED", "x", "C3")):
-            pts = [
-                (t.params[key], shown(t))
-                for t in trials
-                if t.state.name == state and key in t.params and shown(t) is not None
-            ]
-            if pts:
-                label = "complete" if state == "COMPLETE" else "pruned"
-                ax.scatter(*zip(*pts, strict=True), marker=marker, color=color, label=label)
-        edges = _edges(dist)
-        if edges is not None:
-            low, high = edges
-            if getattr(dist, "log", False):
-                ax.set_xscale("log")
-                lo10 = math.exp(math.log(low) + 0.1 * (math.log(high) - math.log(low)))
-                hi10 = math.exp(math.log(high) - 0.1 * (math.log(high) - math.log(low)))
-            else:
-                lo10, hi10 = low + 0.1 * (high - low), high - 0.1 * (high - low)
-            for x in (low, high):
-                ax.axvline(x, ls="--", color="0.4", lw=1)
-            ax.axvspan(low, lo10, color="0.9", zorder=0)
-            ax.axvspan(hi10, high, color="0.9", zorder=0)
-        if best is not None and key in best.params:
-            ax.scatter(
-                [best.params[key]],
-                [best.value],
-                marker="*",
-                s=200,
-                color="gold",
-                edgecolor="k",
-                zorder=5,
-                label="best",
-            )
-        ax.set_xlabel(key)
-        ax.set_ylabel("objective")
-        ax.legend(fontsize=8)
-    ax = axs[-1]
+        _plot_key(ax, key, space[key], trials, best)
+    _plot_history(axs[-1], trials)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _shown(t) -> float | None:
+    """A trial's objective, or a pruned trial's last reported value."""
+    if t.state.name == "COMPLETE":
+        return t.value
+    if t.state.name == "PRUNED" and t.intermediate_values:
+        return t.intermediate_values[max(t.intermediate_values)]
+    return None
+
+
+def _plot_key(ax, key: str, dist, trials, best) -> None:
+    """The objective of every complete and pruned trial against `key`, the best trial starred."""
     for state, marker, color in (("COMPLETE", "o", "C0"), ("PRUNED", "x", "C3")):
-        pts = [(t.number, shown(t)) for t in trials if t.state.name == state and shown(t)]
+        pts = [
+            (t.params[key], _shown(t))
+            for t in trials
+            if t.state.name == state and key in t.params and _shown(t) is not None
+        ]
+        if pts:
+            label = "complete" if state == "COMPLETE" else "pruned"
+            ax.scatter(*zip(*pts, strict=True), marker=marker, color=color, label=label)
+    _shade_edges(ax, dist)
+    if best is not None and key in best.params:
+        ax.scatter(
+            [best.params[key]],
+            [best.value],
+            marker="*",
+            s=200,
+            color="gold",
+            edgecolor="k",
+            zorder=5,
+            label="best",
+        )
+    ax.set_xlabel(key)
+    ax.set_ylabel("objective")
+    ax.legend(fontsize=8)
+
+
+def _shade_edges(ax, dist) -> None:
+    """The range's edges as dashed lines, its first and last tenth (log-scaled if the range is)
+    shaded: a best value there is at the edge."""
+    edges = _edges(dist)
+    if edges is None:
+        return
+    low, high = edges
+    if getattr(dist, "log", False):
+        ax.set_xscale("log")
+        lo10 = math.exp(math.log(low) + 0.1 * (math.log(high) - math.log(low)))
+        hi10 = math.exp(math.log(high) - 0.1 * (math.log(high) - math.log(low)))
+    else:
+        lo10, hi10 = low + 0.1 * (high - low), high - 0.1 * (high - low)
+    for x in (low, high):
+        ax.axvline(x, ls="--", color="0.4", lw=1)
+    ax.axvspan(low, lo10, color="0.9", zorder=0)
+    ax.axvspan(hi10, high, color="0.9", zorder=0)
+
+
+def _plot_history(ax, trials) -> None:
+    """The objective by trial number, and the best complete value so far as a step line."""
+    for state, marker, color in (("COMPLETE", "o", "C0"), ("PRUNED", "x", "C3")):
+        pts = [(t.number, _shown(t)) for t in trials if t.state.name == state and _shown(t)]
         if pts:
             ax.scatter(*zip(*pts, strict=True), marker=marker, color=color, label=state.lower())
     done = sorted((t.number, t.value) for t in trials if t.state.name == "COMPLETE")
@@ -260,8 +283,3 @@ def cell_figure(trials, space: dict, best) -> bytes:
     ax.set_ylabel("objective")
     ax.set_title("optimization history")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()

@@ -17,7 +17,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from bln_sweeps.data import synthetic_tokens
+    from bln_sweeps.synthetic import synthetic_tokens
 
     times = []
     for seed in range(args.repeats):

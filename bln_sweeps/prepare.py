@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from bln_sweeps.config import ConfigError, DataConfig
-from bln_sweeps.data import MIN_VOCAB, SHARD_TOKENS, synthetic_tokens, write_shard
+from bln_sweeps.data import SHARD_TOKENS, write_shard
+from bln_sweeps.synthetic import MIN_VOCAB, synthetic_tokens
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ this model (bln_sweeps.leak, bln_sweeps.tracking).
 `run` reads as its steps: set up (bln_sweeps.build) and resume, start or adopt the MLflow run,
 the step loop (each optimizer step, its logs, evaluations, signals and checkpoints), then finish
 (final evaluation, tags, artifacts, the last checkpoint). A `Trainer` holds what the steps share.
+A run's key and names come from bln_sweeps.identity; its loss curve and config file from
+bln_sweeps.artifacts.
 """
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bln_sweeps import checkpoint, distributed, leak
+from bln_sweeps.artifacts import log_artifacts
 from bln_sweeps.build import (
     autocast_for,
     build_model,
@@ -37,6 +38,7 @@ from bln_sweeps.config import RunConfig
 from bln_sweeps.credentials import mask_tree
 from bln_sweeps.data import BatchSampler, build_run_data, eval_splits, eval_windows
 from bln_sweeps.evaluate import evaluate
+from bln_sweeps.identity import params_of, run_key, run_name
 from bln_sweeps.tracking import (
     RunLogger,
     ends_runs_on_error,
@@ -69,44 +71,6 @@ from bln_sweeps.tracking.contract import (
 
 # (step, metrics) -> None to go on, or a reason to stop now as "pruned" (the sweep's pruner)
 EvalHook = Callable[[int, dict[str, float]], str | None]
-
-
-def run_key(cfg: RunConfig) -> str:
-    """Identity of a run for resuming: every setting that changes the numbers."""
-    d = asdict(cfg)
-    d.pop("tracking")
-    for k in ("out_dir", "resume", "checkpoint_interval", "log_interval"):
-        d["train"].pop(k)
-    d["train"].pop("activation_checkpointing")  # memory for time; the same numbers
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def params_of(cfg: RunConfig) -> dict:
-    """The resolved config as MLflow params: everything but where the params themselves go."""
-    d = asdict(cfg)
-    d.pop("tracking")
-    return d
-
-
-def run_name(cfg: RunConfig) -> str:
-    return cfg.tracking.run_name or f"{cfg.norm.name} · b{cfg.batch.size} · s{cfg.seq.len}"
-
-
-def plot_losses(history: dict[str, list], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(history["train_step"], history["train_loss"], label="train (batch statistics)", lw=1)
-    for key in sorted(k for k in history if k.startswith("val/")):
-        ax.plot(history["eval_step"], history[key], marker="o", ms=3, label=key)
-    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title=path.stem)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def inject_fault(fault: str | None, step: int) -> None:
@@ -391,22 +355,10 @@ class Trainer:
             result["status_reason"] = reason
         logger.set_tags({STATUS_TAG: status, **({STATUS_REASON_TAG: reason} if reason else {})})
         if self.cfg.tracking.enabled and distributed.is_rank0():
-            self._log_artifacts()
+            log_artifacts(logger, self.run_dir, self.cfg, history)
         self.save(status, result)
         logger.end(RUN_FAILED if status == DIVERGED else RUN_FINISHED)  # pruned ends normally
         return result
-
-    def _log_artifacts(self) -> None:
-        """The loss curve and the resolved config (URL passwords masked) as MLflow artifacts."""
-        from omegaconf import OmegaConf
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        plot = self.run_dir / "loss_curve.png"
-        plot_losses(self.history, plot)
-        self.logger.log_artifact(plot)
-        cfg_yaml = self.run_dir / "config.yaml"
-        cfg_yaml.write_text(OmegaConf.to_yaml(mask_tree(asdict(self.cfg))))  # no URL password
-        self.logger.log_artifact(cfg_yaml)
 
 
 @ends_runs_on_error  # every way out of a run ends its MLflow run, never leaves it RUNNING

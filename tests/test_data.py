@@ -13,8 +13,6 @@ import torch
 
 from bln_sweeps.config import ConfigError
 from bln_sweeps.data import (
-    QUERY,
-    STORE,
     BatchSampler,
     build_data,
     build_run_data,
@@ -23,10 +21,10 @@ from bln_sweeps.data import (
     eval_windows,
     get_batch,
     read_shard,
-    synthetic_tokens,
     write_shard,
 )
 from bln_sweeps.prepare import main
+from bln_sweeps.synthetic import QUERY, STORE, synthetic_tokens
 
 V = 512
 

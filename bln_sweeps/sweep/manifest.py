@@ -92,6 +92,11 @@ class Manifest(_ByKey):
     jobs: list[Job] = field(default_factory=list)
     version: int = VERSION
 
+    @property
+    def parent_run_ids(self) -> list[str | None]:
+        """The cells' MLflow runs, then the sweep's own (None where there is none)."""
+        return [c.mlflow_run_id for c in self.cells] + [self.mlflow_run_id]
+
     def to_json(self) -> dict[str, Any]:
         """The file's JSON object: `version` first, then the fields in the order they always had."""
         data = asdict(self)

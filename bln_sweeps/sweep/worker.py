@@ -29,12 +29,11 @@ from bln_sweeps.tracking.contract import (
     KIND_TAG,
     OPTUNA_STUDY_TAG,
     PRUNED,
-    RUN_FINISHED,
-    RUN_RUNNING,
     SWEEP_TAG,
     TRIAL,
     TRIAL_TAG,
 )
+from bln_sweeps.tracking.runs import end_running_runs
 
 
 @dataclass
@@ -187,8 +186,8 @@ class Worker:
             if stop_requested(self.sweep_dir):
                 return n
             job = self.next_job()
-            if job is None:
-                close_parent_runs(self.manifest)
+            if job is None:  # no trial left: end the sweep's and cells' MLflow runs
+                end_running_runs(self.manifest.tracking_uri, self.manifest.parent_run_ids)
                 return n
             if job == "wait":
                 time.sleep(self.poll_s)
@@ -395,13 +394,3 @@ def worker_main(sweep_dir: str, worker_id: int = 0) -> int:
     # without an active exception", exit 134), which SLURM records as a FAILED job.
     distributed.teardown()
     return n
-
-
-def close_parent_runs(manifest: Manifest) -> None:
-    """End the sweep's and cells' MLflow runs once no trial is left (any worker may do it)."""
-    from bln_sweeps.tracking import tracking_client
-
-    client = tracking_client(manifest.tracking_uri)
-    for run_id in [c.mlflow_run_id for c in manifest.cells] + [manifest.mlflow_run_id]:
-        if run_id and client.get_run(run_id).info.status == RUN_RUNNING:
-            client.set_terminated(run_id, RUN_FINISHED)

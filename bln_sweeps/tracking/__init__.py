@@ -5,7 +5,7 @@
     provenance   git/env/version tags
     logger       RunLogger (batched, non-blocking), NullRunLogger, ends_runs_on_error
     outbox       RunLogger's background sender
-    runs         reading runs back
+    runs         reading runs back; ending the ones left RUNNING
 
 Stdlib only at import (login-node tools and analysis import it); mlflow comes with the first run.
 The names below are the package's public API; contract names are imported from `contract`.

@@ -1,13 +1,15 @@
-"""Reading runs back: every run of an experiment (all pages), and a run to resume.
+"""Reading runs back: every run of an experiment (all pages), a run to resume, and ending the
+runs still RUNNING (a sweep's parent runs, once no trial is left).
 
 runs = find_runs(uri, "default", "tags.kind = 'cell'")
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from bln_sweeps.tracking.contract import RUN_RUNNING
+from bln_sweeps.tracking.contract import RUN_FINISHED, RUN_RUNNING
 from bln_sweeps.tracking.uri import tracking_client
 
 
@@ -48,3 +50,12 @@ def resume_run(client: Any, run_id: str, uri: str):
         raise ValueError(f"run_id={run_id!r} to resume is deleted in {uri}")
     client.update_run(run_id, status=RUN_RUNNING)
     return run
+
+
+def end_running_runs(uri: str, run_ids: Iterable[str | None]) -> None:
+    """End each of `run_ids` that is still RUNNING as FINISHED (None and ended runs are skipped):
+    any of a sweep's workers may close its sweep and cell runs, once, whichever comes last."""
+    client = tracking_client(uri)
+    for run_id in run_ids:
+        if run_id and client.get_run(run_id).info.status == RUN_RUNNING:
+            client.set_terminated(run_id, RUN_FINISHED)
