@@ -56,6 +56,8 @@ LOGIN_NODE = [
     "bln_sweeps.compose",
     "bln_sweeps.cli",
     "bln_sweeps.prepare",
+    "bln_sweeps.synthetic",
+    "bln_sweeps.identity",
     "bln_sweeps.tracking",
     "bln_sweeps.tracking.contract",
     "bln_sweeps.tracking.uri",
@@ -77,6 +79,7 @@ LOGIN_NODE = [
     "analysis",
     "analysis.load",
     "analysis._mlflow_sql",
+    "analysis.cells",
 ]
 
 
