@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 CKPT_NAME = "ckpt.pt"
+RUN_ID_NAME = "mlflow_run_id"  # beside it: the MLflow run id, from the moment the run exists
 
 
 class Preempted(Exception):

@@ -54,6 +54,7 @@ from bln_sweeps.tracking.contract import (
     MFU,
     PREEMPTED,
     PRUNED,
+    RUN_DIR_TAG,
     RUN_FAILED,
     RUN_FINISHED,
     RUN_KILLED,
@@ -68,6 +69,7 @@ from bln_sweeps.tracking.contract import (
     WALL_S,
     flatten_config,
 )
+from bln_sweeps.tracking.runs import running_run_tagged
 
 # (step, metrics) -> None to go on, or a reason to stop now as "pruned" (the sweep's pruner)
 EvalHook = Callable[[int, dict[str, float]], str | None]
@@ -133,14 +135,21 @@ class Trainer:
     ) -> None:
         """Start the run's MLflow run, or adopt the one an earlier attempt started. The run id is
         kept beside the checkpoint from the moment the run exists, so an attempt that died before
-        its first checkpoint is continued (from step 0), never left RUNNING."""
+        its first checkpoint is continued (from step 0), never left RUNNING. The id file is made
+        empty before the run is created: an attempt killed between the two leaves it empty, and
+        its run is then found by its `run_dir` tag, which the run is created with."""
         cfg = self.cfg
         leaky = is_leaky(self.model)
         uri = resolve_tracking_uri(cfg.tracking.uri, Path.cwd())
-        run_id_file = self.run_dir / "mlflow_run_id"
+        id_file = self.run_dir / checkpoint.RUN_ID_NAME
         earlier = state["run_id"] if state else None
-        if earlier is None and cfg.train.resume and run_id_file.exists():
-            earlier = run_id_file.read_text().strip() or None
+        if earlier is None and cfg.train.resume and id_file.exists():
+            earlier = id_file.read_text().strip() or running_run_tagged(
+                uri, cfg.tracking.experiment, RUN_DIR_TAG, str(self.run_dir.resolve())
+            )
+        if earlier is None and cfg.tracking.enabled and distributed.is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text("")
         start = (uri, leaky, parent_run_id, tags)
         try:
             self.logger = self._start_logger(earlier, *start)
@@ -148,9 +157,6 @@ class Trainer:
             if state is not None:
                 raise
             earlier, self.logger = None, self._start_logger(None, *start)
-        if self.logger.run_id is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            run_id_file.write_text(self.logger.run_id)
         if earlier is not None:
             self.logger.set_tags({"resumed_from_step": str(self.step)})
 
@@ -169,7 +175,9 @@ class Trainer:
             uri,
             cfg.tracking.experiment,
             run_name=run_name(cfg),
-            params=flatten_config(params_of(cfg)) if run_id is None else None,
+            # from step 0: also into the run of an attempt that died before its first checkpoint
+            # (the same values, which MLflow accepts again), as that one may have logged none
+            params=flatten_config(params_of(cfg)) if self.step == 0 else None,
             tags={
                 **provenance_tags(),
                 **device_tags(self.device),
@@ -180,10 +188,12 @@ class Trainer:
                 "n_ranks": str(self.world),
                 "n_params": str(self.model.num_params()),
                 STATUS_TAG: RUNNING,
+                RUN_DIR_TAG: str(self.run_dir.resolve()),
                 **(tags or {}),
             },
             parent_run_id=parent_run_id,
             run_id=run_id,
+            on_created=(self.run_dir / checkpoint.RUN_ID_NAME).write_text,
         )
 
     # ---- the step loop -------------------------------------------------------------------------

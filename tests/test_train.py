@@ -82,6 +82,56 @@ def test_resume_after_signal_is_exact(make_cfg, mlflow_uri, tmp_path):
     assert steps == [4, 8]
 
 
+# A first attempt SIGKILLed as its MLflow run is made: right after the run exists (before its id
+# is noted beside the checkpoint), or while the run's params are written (after it is noted).
+KILLED_ATTEMPT = """
+import os, signal, sys
+from bln_sweeps.compose import compose
+from bln_sweeps.config import to_run_config, validate
+from bln_sweeps.tracking import logger
+from bln_sweeps.train import run
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if sys.argv[1] == "created":
+    start = logger.RunLogger.start.__func__
+    dying = lambda cls, *a, **k: start(cls, *a, **{**k, "on_created": die})
+    logger.RunLogger.start = classmethod(dying)
+else:
+    logger.log_now = die
+run(validate(to_run_config(compose(sys.argv[2:]))))
+"""
+
+
+@pytest.mark.parametrize("killed", ["created", "params"])
+def test_attempt_killed_as_its_run_is_made_is_continued_in_that_run(
+    killed, make_cfg, mlflow_uri, tmp_path
+):
+    overrides = [
+        "train.steps=4",
+        "train.eval_interval=2",
+        "eval.tokens=1024",
+        "data.n_train_tokens=50000",
+        "data.n_val_tokens=10000",
+        f"train.out_dir={tmp_path}/runs",
+        f"tracking.uri={mlflow_uri}",
+        f"tracking.experiment=window-{killed}",
+    ]
+    p = subprocess.run([sys.executable, "-c", KILLED_ATTEMPT, killed, *overrides], cwd=ROOT)
+    assert p.returncode == -signal.SIGKILL
+    client = mlflow_client(mlflow_uri)
+    exp = client.get_experiment_by_name(f"window-{killed}")
+    (orphan,) = client.search_runs([exp.experiment_id])
+    assert orphan.info.status == "RUNNING"
+
+    result = run(make_cfg(*overrides))  # the retry: same config, same run directory
+    (only,) = client.search_runs([exp.experiment_id])
+    assert result["run_id"] == orphan.info.run_id == only.info.run_id
+    assert only.info.status == "FINISHED" and only.data.params["optim.lr"]
+    assert only.data.tags["resumed_from_step"] == "0"
+
+
 def test_finished_run_is_not_trained_twice(make_cfg):
     cfg = make_cfg("train.steps=2")
     first = run(cfg)

@@ -44,6 +44,7 @@ N_DEVICES_TAG = "n_devices"
 OPTUNA_STUDY_TAG = "optuna.study"  # the study a trial or confirm run belongs to
 LOST_METRICS_TAG = "tracking.lost_metrics"  # metric points the logger gave up on
 GIT_SHA_TAG, GIT_DIRTY_TAG = "git.sha", "git.dirty"  # the code a run ran (provenance, snapshot)
+RUN_DIR_TAG = "run_dir"  # where the run's checkpoint lives; set when the run is created
 # MLflow's own tags
 PARENT_TAG = "mlflow.parentRunId"  # how MLflow nests runs
 RUN_NAME_TAG = "mlflow.runName"

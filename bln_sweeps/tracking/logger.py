@@ -22,7 +22,7 @@ import re
 import sys
 import threading
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ class RunLogger(Sender):
         run_id: str | None = None,
         description: str | None = None,
         *,
+        on_created: Callable[[str], None] | None = None,
         client: Any = None,
         retry: Retry | None = None,
         send_interval_s: float = 1.0,
@@ -102,8 +103,10 @@ class RunLogger(Sender):
         """Create a run (or resume `run_id`, setting it RUNNING again) and log params and tags.
 
         This call is synchronous and raises if the backend refuses it: better to fail before
-        training starts than to train for hours untracked. `client` replaces MlflowClient(uri)
-        (tests inject failing backends through it).
+        training starts than to train for hours untracked. A new run gets its tags in the same
+        write that creates it, so whoever finds it knows whose it is, and `on_created(run_id)`
+        is called before anything else is logged (the trainer notes the id beside its checkpoint
+        there). `client` replaces MlflowClient(uri) (tests inject failing backends through it).
         """
         client = tracking_client(uri) if client is None else client
         system: dict[str, str] = {}
@@ -123,11 +126,14 @@ class RunLogger(Sender):
         else:
             run = client.create_run(
                 _experiment_id(client, experiment, uri),
-                tags={USER_TAG: _user(), SOURCE_NAME_TAG: sys.argv[0], **system},
+                tags={USER_TAG: _user(), SOURCE_NAME_TAG: sys.argv[0], **tags},
                 run_name=run_name,
             )
+            tags = {}  # written with the run
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
         try:
+            if on_created is not None:
+                on_created(run_id)
             log_now(client, run_id, params=params, tags=tags)
         except BaseException:
             with contextlib.suppress(Exception):  # do not leave a half-made run RUNNING

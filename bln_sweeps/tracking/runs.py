@@ -1,5 +1,6 @@
-"""Reading runs back: every run of an experiment (all pages), a run to resume, and ending the
-runs still RUNNING (a sweep's parent runs, once no trial is left).
+"""Reading runs back: every run of an experiment (all pages), a run to resume (by id, or the one
+an attempt that died started), and ending the runs still RUNNING (a sweep's parent runs, once no
+trial is left).
 
 runs = find_runs(uri, "default", "tags.kind = 'cell'")
 """
@@ -34,6 +35,17 @@ def find_runs(uri: str, experiment: str, filter_string: str = "", order_by=None)
         token = page.token
         if not token:
             return runs
+
+
+def running_run_tagged(uri: str, experiment: str, tag: str, value: str) -> str | None:
+    """The id of the newest RUNNING run of `experiment` whose tag `tag` is `value`, or None.
+    (Compared here rather than in the filter string: `value` may hold any quote character.)"""
+    try:
+        runs = find_runs(uri, experiment, f"attributes.status = '{RUN_RUNNING}'")
+    except ValueError:  # no such experiment: nothing to find
+        return None
+    mine = [r for r in runs if r.data.tags.get(tag) == value]
+    return max(mine, key=lambda r: r.info.start_time).info.run_id if mine else None
 
 
 def resume_run(client: Any, run_id: str, uri: str):
