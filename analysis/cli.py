@@ -13,7 +13,6 @@ Nothing heavy is imported before the arguments are read, so --help is instant on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -198,8 +197,10 @@ def _report(path: Path, name: str, table, runs, uri: str, sweep_dir: Path | None
     import tempfile
 
     from analysis.report import build
+    from bln_sweeps.sweep.manifest import load_manifest
 
-    manifest = json.loads((sweep_dir / "manifest.json").read_text()) if sweep_dir else None
+    # real URLs: the Optuna storage is opened with them (the page shows only the masked command)
+    manifest = load_manifest(sweep_dir).to_json() if sweep_dir else None
     with tempfile.TemporaryDirectory() as tmp:
         figures = _plots(table, runs, uri, Path(tmp), via)
         page = build(name, table, runs, figures, manifest, sweep_dir)

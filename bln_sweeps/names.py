@@ -67,10 +67,15 @@ def check_dir(key: str, value: object) -> Path:
     return path
 
 
+def quotable(value: str) -> bool:
+    """Whether `value` can be an MLflow filter string literal (nothing in it ends the literal)."""
+    return not (any(c in value for c in "'\\") or _control(value))
+
+
 def filter_value(value: str) -> str:
     """`value` quoted as an MLflow filter string literal; raises ValueError for a value that
     would end the literal (names are checked before they get here)."""
-    if any(c in value for c in "'\\") or _control(value):
+    if not quotable(value):
         raise ValueError(f"{value!r} cannot be quoted in an MLflow filter")
     return f"'{value}'"
 

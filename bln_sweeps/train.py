@@ -69,7 +69,7 @@ from bln_sweeps.tracking.contract import (
     WALL_S,
     flatten_config,
 )
-from bln_sweeps.tracking.runs import running_run_tagged
+from bln_sweeps.tracking.runs import running_run
 
 # (step, metrics) -> None to go on, or a reason to stop now as "pruned" (the sweep's pruner)
 EvalHook = Callable[[int, dict[str, float]], str | None]
@@ -144,8 +144,8 @@ class Trainer:
         id_file = self.run_dir / checkpoint.RUN_ID_NAME
         earlier = state["run_id"] if state else None
         if earlier is None and cfg.train.resume and id_file.exists():
-            earlier = id_file.read_text().strip() or running_run_tagged(
-                uri, cfg.tracking.experiment, RUN_DIR_TAG, str(self.run_dir.resolve())
+            earlier = id_file.read_text().strip() or running_run(
+                uri, cfg.tracking.experiment, {RUN_DIR_TAG: str(self.run_dir.resolve())}
             )
         if earlier is None and cfg.tracking.enabled and distributed.is_rank0():
             self.run_dir.mkdir(parents=True, exist_ok=True)

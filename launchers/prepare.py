@@ -149,19 +149,11 @@ def start_run(uri: str, sweep: str, name: str, tags: dict, **kwargs) -> str:
 
 def unfinished_run(uri: str, sweep: str, kind: str, cell: str | None = None) -> str | None:
     """The id of the sweep's (or a cell's) MLflow run that is still RUNNING, if any."""
-    from bln_sweeps.tracking import tracking_client
-    from bln_sweeps.tracking.contract import CELL_TAG, KIND_TAG, RUN_RUNNING, SWEEP_TAG
+    from bln_sweeps.tracking.contract import CELL_TAG, KIND_TAG, SWEEP_TAG
+    from bln_sweeps.tracking.runs import running_run
 
-    client = tracking_client(uri)
-    exp = client.get_experiment_by_name(sweep)
-    if exp is None:
-        return None
-    from bln_sweeps.names import filter_string
-
-    where = {f"tags.{KIND_TAG}": kind, f"tags.{SWEEP_TAG}": sweep, "attributes.status": RUN_RUNNING}
-    query = filter_string({**where, **({f"tags.{CELL_TAG}": cell} if cell is not None else {})})
-    runs = client.search_runs([exp.experiment_id], query, max_results=1)
-    return runs[0].info.run_id if runs else None
+    tags = {KIND_TAG: kind, SWEEP_TAG: sweep, **({CELL_TAG: cell} if cell is not None else {})}
+    return running_run(uri, sweep, tags)
 
 
 def record_jobs(plan: Plan, manifest: Manifest, jobs: list, first: int) -> None:

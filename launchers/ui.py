@@ -143,17 +143,14 @@ def pick_port(host: str, port: int | None) -> int:
 
 def check_store(uri: str) -> None:
     """The tracking store answers, quickly; MlflowClient itself retries for minutes."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=REACH_TIMEOUT_S):
-                return
-        except urllib.error.HTTPError as e:
-            reason = f"HTTP {e.code} from /health"
-        except (urllib.error.URLError, OSError) as e:
-            reason = str(getattr(e, "reason", e))
-        raise InputError(f"tracking server {uri} is unreachable: {reason}")
-    from bln_sweeps.tracking.uri import sqlite_path
+    from bln_sweeps.tracking.uri import SERVER_SCHEMES, check_server, sqlite_path
 
+    if uri.startswith(SERVER_SCHEMES):
+        try:
+            check_server(uri, REACH_TIMEOUT_S)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        return
     db = sqlite_path(uri)
     if db is not None:
         if not db.is_file():

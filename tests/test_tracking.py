@@ -315,6 +315,28 @@ def test_resume_of_an_unknown_run_names_it(mlflow_uri, experiment):
         RunLogger.start(mlflow_uri, experiment, run_id="0123456789abcdef0123456789abcdef")
 
 
+def test_running_run_is_found_by_its_tags_from_the_moment_it_exists(mlflow_uri, experiment):
+    """What a retry adopts: the newest RUNNING run with every tag given, quotes in values too
+    (a run directory's path); tags written with the run, not after it, so no kill leaves one
+    that cannot be found."""
+    from bln_sweeps.tracking.runs import running_run
+
+    odd = {"run_dir": "/runs/it's \\ here", "kind": "trial"}
+    assert running_run(mlflow_uri, experiment, odd) is None  # no experiment yet
+    with RunLogger.start(mlflow_uri, experiment, tags=odd):  # ended: not adoptable
+        pass
+    older = RunLogger.start(mlflow_uri, experiment, tags=odd)
+    time.sleep(0.01)  # start times are in ms
+    newer = RunLogger.start(mlflow_uri, experiment, tags=odd)
+    other = RunLogger.start(mlflow_uri, experiment, tags={**odd, "run_dir": "/runs/other"})
+    assert running_run(mlflow_uri, experiment, odd) == newer.run_id
+    assert running_run(mlflow_uri, experiment, {"run_dir": "/runs/other"}) == other.run_id
+    assert running_run(mlflow_uri, experiment, {**odd, "kind": "confirm"}) is None
+    for logger in (newer, older, other):
+        logger.end()
+    assert running_run(mlflow_uri, experiment, odd) is None
+
+
 def test_nested_runs_link_to_their_parent(mlflow_uri, client, experiment):
     with RunLogger.start(mlflow_uri, experiment, run_name="cell") as parent:
         with RunLogger.start(mlflow_uri, experiment, parent_run_id=parent.run_id) as child:

@@ -7,7 +7,7 @@ runs = find_runs(uri, "default", "tags.kind = 'cell'")
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from bln_sweeps.tracking.contract import RUN_FINISHED, RUN_RUNNING
@@ -37,15 +37,26 @@ def find_runs(uri: str, experiment: str, filter_string: str = "", order_by=None)
             return runs
 
 
-def running_run_tagged(uri: str, experiment: str, tag: str, value: str) -> str | None:
-    """The id of the newest RUNNING run of `experiment` whose tag `tag` is `value`, or None.
-    (Compared here rather than in the filter string: `value` may hold any quote character.)"""
-    try:
-        runs = find_runs(uri, experiment, f"attributes.status = '{RUN_RUNNING}'")
-    except ValueError:  # no such experiment: nothing to find
+def running_run(uri: str, experiment: str, tags: Mapping[str, str]) -> str | None:
+    """The id of the newest RUNNING run of `experiment` that has every tag of `tags`, or None:
+    how a rerun finds the run an attempt killed before it noted the id made (runs are created
+    with their tags, so one that exists can be found). A value the filter grammar cannot quote
+    (a run directory's path may hold a quote) is compared here instead."""
+    from bln_sweeps.names import filter_string, quotable
+
+    client = tracking_client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
         return None
-    mine = [r for r in runs if r.data.tags.get(tag) == value]
-    return max(mine, key=lambda r: r.info.start_time).info.run_id if mine else None
+    where = {f"tags.{k}": v for k, v in tags.items() if quotable(v)}
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string({**where, "attributes.status": RUN_RUNNING}),
+        order_by=["attributes.start_time DESC"],
+        max_results=1000,  # RUNNING runs of one experiment with these tags: one, or a few
+    )
+    mine = (r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items()))
+    return next((r.info.run_id for r in mine), None)
 
 
 def resume_run(client: Any, run_id: str, uri: str):

@@ -79,7 +79,8 @@ def check_server(uri: str, timeout_s: float = SERVER_TIMEOUT_S) -> None:
     except Exception as e:  # refused, timed out, or not a URL urllib can open at all
         reason = str(getattr(e, "reason", e)) or type(e).__name__
     raise ValueError(
-        f"tracking server {mask_credentials(uri)} does not answer within {timeout_s:g} s: {reason}"
+        f"tracking server {mask_credentials(uri)} is unreachable: "
+        f"it does not answer /health within {timeout_s:g} s ({reason})"
     )
 
 

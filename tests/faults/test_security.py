@@ -305,9 +305,13 @@ def test_a_random_url_password_is_found_nowhere_but_in_the_private_file(tmp_path
         outputs.append(p.stdout + p.stderr)
         assert p.returncode == 0, p.stdout + p.stderr
         assert "| layernorm" in p.stdout  # the table: bln-analyze found the real store
+        report = cli("analysis", "pw", "--report", "report.html", cwd=tmp_path)
         for more in (bln_sweep("status", "pw", cwd=tmp_path), cli("analysis", "pw", cwd=tmp_path)):
             outputs.append(more.stdout + more.stderr)
             assert more.returncode == 0, more.stderr
+        outputs.append(report.stdout + report.stderr)
+        assert report.returncode == 0, report.stderr
+        assert "1 trials: 1 complete" in (tmp_path / "report.html").read_text()  # read the studies
         private = tmp_path / "sweeps" / "pw" / "credentials.json"
         assert stat.S_IMODE(private.stat().st_mode) == 0o600
         assert in_url.encode() in private.read_bytes()
