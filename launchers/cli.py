@@ -216,10 +216,13 @@ def status(argv: list[str]) -> int:
 
 def stop(argv: list[str], wait_s: float = 120.0) -> int:
     """Ask a sweep's workers to stop: they start no new trial, and a running trial checkpoints
-    after its current step and goes back to its study as WAITING (the preemption path). The same
-    `bln-sweep` command resumes the sweep."""
+    after its current step and goes back to its study as WAITING (the preemption path); worker
+    jobs still pending in the SLURM queue are cancelled. The same `bln-sweep` command resumes the
+    sweep."""
+    from bln_sweeps.sweep.manifest import load_manifest
     from bln_sweeps.sweep.stop import STOP_FILE
     from launchers.live import poll
+    from launchers.queue import cancel_pending
 
     if len(argv) != 1 or argv[0].startswith("--"):
         return fail("usage: bln-sweep stop NAME")
@@ -227,7 +230,15 @@ def stop(argv: list[str], wait_s: float = 120.0) -> int:
         sweep_dir = find_sweep(argv[0])
     except ConfigError as e:
         return fail(str(e))
+    try:  # a damaged manifest or journal: say which sweep, and leave it as it is
+        jobs = load_manifest(sweep_dir).jobs
+        poll(sweep_dir)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        return fail(f"sweep {argv[0]!r} cannot be read: {type(e).__name__}: {first}")
     (sweep_dir / STOP_FILE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    if cancelled := cancel_pending(jobs):  # after STOP: a task that starts meanwhile sees it
+        print(f"cancelled {len(cancelled)} worker job(s) still waiting in the SLURM queue")
     print(f"asked the workers of {argv[0]!r} to stop; waiting for running trials to checkpoint")
     deadline = time.monotonic() + wait_s
     while poll(sweep_dir).running and time.monotonic() < deadline:

@@ -43,6 +43,22 @@ def live_jobs(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def cancel_pending(jobs: list[dict[str, Any]]) -> list[str]:
+    """scancel the entries whose SLURM job has not started (`bln-sweep stop`): left queued they
+    would each wait for an allocation only to find the STOP file and exit. `--state=PENDING`
+    makes SLURM itself skip a task that started meanwhile, so no running trial is signalled.
+    Returns the ids cancelled."""
+    states = queue_states() or {}
+    pending = [
+        str(j["job_id"])
+        for j in jobs
+        if j.get("launcher") == "slurm" and states.get(str(j["job_id"])) == "PENDING"
+    ]
+    if pending:
+        subprocess.run(["scancel", "--state=PENDING", *pending], capture_output=True, timeout=30)
+    return pending
+
+
 def reattach(sweep_dir: Path, jobs: list[dict[str, Any]]) -> list:
     """submitit handles for recorded SLURM jobs (the folder layout launchers.slurm submits with)."""
     import submitit

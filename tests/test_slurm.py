@@ -647,3 +647,50 @@ def test_two_task_trial_is_preempted_and_resumes(slurm_cluster, tmp_path, cancel
     assert any(n.endswith("_0_log.err") for n in logs) and any(
         n.endswith("_1_log.err") for n in logs
     )
+
+
+@pytest.mark.slurm
+def test_stop_cancels_waiting_workers_and_the_same_command_resumes(
+    slurm_cluster, tmp_path, cancel_leftovers
+):
+    """`bln-sweep stop` while one array task trains and the other still waits in the queue
+    (array_parallelism=1): the waiting task is cancelled at once and never starts, the running
+    trial checkpoints and is queued, and the same command again spends every budget."""
+    from tests.test_sweep import FAST, assert_complete, bln_sweep, sweep_facts
+
+    args = [
+        "norm=layernorm",
+        "sweep.grid={batch: b4}",
+        "sweep.name=halt",
+        "search.n_trials=2",
+        "search.confirm_seeds=1",
+        "search.pruner=none",
+        "launcher.workers=2",
+        "launcher.slurm.array_parallelism=1",
+        *SLURM_ARGS,
+        *[o for o in FAST if not o.startswith("train.steps")],
+        "train.steps=100",  # still training when stop arrives
+    ]
+    sweep_dir = tmp_path / "sweeps" / "halt"
+    cancel_leftovers(sweep_dir)
+    p = bln_sweep(*args, "--detach", cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    running, waiting = job_ids(sweep_dir)
+    wait_for("a checkpoint", lambda: list(sweep_dir.glob("runs/*/search-*/ckpt.pt")), 300)
+    states = accounting(running.split("_")[0])
+    assert states[states.index(waiting) + 1] == "PENDING", states
+
+    p = bln_sweep("stop", "halt", cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "cancelled 1 worker job(s) still waiting in the SLURM queue" in p.stdout
+    assert not in_queue(waiting)
+    wait_for("the running task to end", lambda: not in_queue(running), 120)
+    states = accounting(running.split("_")[0])
+    assert states[states.index(waiting) + 1] == "CANCELLED", states
+    assert not list(sweep_dir.rglob(f"{waiting}_*_log.out")), "the cancelled task started"
+    queued = [t for t in trials(sweep_dir) if t.user_attrs.get("preempted")]
+    assert queued and all(t.state.name == "WAITING" for t in queued), queued
+
+    p = bln_sweep(*args, cwd=tmp_path, timeout=900)  # the same command again
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_complete(sweep_facts(sweep_dir), n_trials=2, confirm_seeds=1)

@@ -206,6 +206,8 @@ CATALOGUE = [
     (SWEEP, ["status", "../x"], "NAME", "'/'"),
     (SWEEP, ["status", "bad"], "bad", "cannot be read", "bad_manifest"),
     (SWEEP, ["status", "bad"], "bad", "cannot be read", "bad_journal"),
+    (SWEEP, ["stop", "bad"], "bad", "cannot be read", "bad_manifest"),
+    (SWEEP, ["stop", "bad"], "bad", "cannot be read", "bad_journal"),
     (SWEEP, ["ui", "nosuch"], "nosuch", "sweeps"),
     (SWEEP, ["ui", "../x"], "NAME", "'/'"),
     (SWEEP, ["ui", "x", "--port", "abc"], "--port", "not a number"),
